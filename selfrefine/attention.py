@@ -1,0 +1,89 @@
+"""Grouped-query self-attention with a preallocated KV cache.
+
+The cache is one tensor per layer, written in place at `cache.length`, so decoding never
+re-allocates or concatenates. All rows of a batch share slot indices (prompts are left-padded);
+`key_mask` marks which slots hold real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer: (layers, B, kv_heads, max_len, head_dim) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0  # slots filled so far, the same for every row
+    max_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.max_len = self.k.shape[3]
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+              dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (layers, batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's keys/values and return every slot filled so far for `layer`."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} > {self.max_len} slots")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def attention_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean (B, 1, q_len, S) mask: causal over slots, padding keys hidden.
+
+    Each query may always see its own slot, so a padding query never attends to nothing (which
+    would give NaN); its output is garbage but never read.
+    """
+    S = key_mask.shape[1]
+    q_slots = torch.arange(S - q_len, S, device=key_mask.device)[:, None]
+    k_slots = torch.arange(S, device=key_mask.device)[None, :]
+    causal = k_slots <= q_slots
+    allowed = causal[None] & key_mask[:, None, :].bool()
+    allowed |= k_slots == q_slots
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool, layer: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.layer = heads, kv_heads, head_dim, layer
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)
+        gqa = self.heads != self.kv_heads
+        if key_mask is None and k.shape[2] == T:
+            # Training / full prefill without padding on the left: the flash path needs no mask.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            if key_mask is None:
+                key_mask = torch.ones(B, k.shape[2], dtype=torch.bool, device=x.device)
+            mask = attention_mask(key_mask, T)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

@@ -1,0 +1,105 @@
+"""Files that survive crashes: atomic writes (temp file in the same folder, fsync, rename) and
+JSON/JSONL readers whose errors name the file and line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import fail
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync and rename it over `path`, else delete it.
+
+    A reader (or a crash at any moment) sees the old complete file or the new complete one, never half.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename durable (the directory entry itself is data)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    with atomic_write(path) as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one line and flush it to disk (metrics logs: a crash loses at most the line being written)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        fail("file not found", path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        fail("not a UTF-8 text file", path)
+    except json.JSONDecodeError as e:
+        fail(f"invalid JSON: {e.msg} (column {e.colno})", path, e.lineno)
+
+
+def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), allow_empty: bool = False) -> list[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; bad JSON or a missing field names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        fail("file not found", path)
+    out = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"invalid JSON: {e.msg} (column {e.colno})", path, lineno)
+                if not isinstance(rec, dict):
+                    fail("expected a JSON object on each line", path, lineno)
+                for key in required:
+                    if key not in rec:
+                        fail(f"missing field {key!r}", path, lineno)
+                out.append((lineno, rec))
+        except UnicodeDecodeError:
+            fail("not a UTF-8 text file", path)
+    if not out and not allow_empty:
+        fail("no records (empty file)", path)
+    return out

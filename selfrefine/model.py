@@ -1,0 +1,183 @@
+"""A decoder-only transformer for the Llama family (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2).
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj.weight`, ...)
+so that checkpoints load and save without a renaming table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention, KVCache
+from .rope import inverse_frequencies, rope_cos_sin
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 2048
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, kept for saving
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+
+    # Hugging Face config.json <-> ours. Qwen2 always has q/k/v bias; Llama says so in `attention_bias`.
+    _HF_NAMES = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                 "num_key_value_heads": "num_kv_heads"}
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+        known = {f for f in cls.__dataclass_fields__}
+        kw: dict[str, Any] = {"architecture": arch, "extra": {}}
+        for key, value in hf.items():
+            name = cls._HF_NAMES.get(key, key)
+            if name in known and name not in ("architecture", "extra"):
+                kw[name] = value
+            elif key != "architectures":
+                kw["extra"][key] = value
+        kw.setdefault("num_kv_heads", hf["num_attention_heads"])
+        if arch == "Qwen2ForCausalLM":
+            kw["attention_bias"] = True
+        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
+            kw["rope_theta"] = hf["rope_parameters"].get("rope_theta", 10000.0)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra, arch = d.pop("extra"), d.pop("architecture")
+        for hf_name, ours in self._HF_NAMES.items():
+            d[hf_name] = d.pop(ours)
+        if arch == "Qwen2ForCausalLM":
+            d.pop("attention_bias")
+        model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}[arch]
+        return {**extra, **d, "architectures": [arch], "model_type": model_type, "hidden_act": "silu"}
+
+    @property
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as the reference implementation does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cfg.attention_bias, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, key_mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """`forward(input_ids, positions, key_mask, cache)` -> logits (B, T, vocab).
+
+    - positions (B, T): RoPE positions; default 0..T-1 (or continuing after the cache).
+    - key_mask (B, S): which key slots hold real tokens (S = cached + new); None = all real, and
+      without a cache the causal flash path of SDPA is used.
+    - cache: a KVCache from `new_cache`, filled in place and advanced by T.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
+        self.gradient_checkpointing = False
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        c = self.config
+        ref = self.model.embed_tokens.weight
+        return KVCache.empty(c.num_layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype or ref.dtype, ref.device)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      key_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, key_mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, positions, key_mask, cache))
