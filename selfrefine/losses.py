@@ -1,0 +1,101 @@
+"""Training losses: token log-probabilities of completions, SFT cross-entropy, and DPO.
+
+All math is done in float32 whatever the model dtype: the DPO margin is a difference of sums over
+hundreds of tokens, and bf16 rounding there is larger than the signal.
+
+Conventions (the DPO paper, Rafailov et al. 2023, eq. 7; TRL agrees except where noted):
+  h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
+  sigmoid: -log sigmoid(beta h)            (label smoothing eps gives conservative DPO, cDPO)
+  ipo:     (h - 1/(2 beta))^2              (Azar et al. 2023, eq. 17)
+  hinge:   max(0, 1 - beta h)              (SLiC, Zhao et al. 2023)
+  implicit rewards: beta (log pi - log ref), detached (they are logged, not trained on).
+Log-probs are SUMS over completion tokens, as in the paper. TRL switches IPO to per-token means
+internally; here the caller chooses (`sequence_logps(..., average=True)`), the loss takes what it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Log-prob of each next token and its mask: (B, T-1) each.
+
+    Position t of the logits predicts token t+1, so the shift happens here, once, for every caller.
+    `logit[label] - logsumexp(logits)` avoids keeping a full (B, T, V) log-softmax copy.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T), "
+                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels))  # any valid index; masked out below
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logps = picked - torch.logsumexp(logits, dim=-1)
+    return torch.where(mask, logps, torch.zeros_like(logps)), mask
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                   average: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-sequence sum (or mean) of completion-token log-probs, and the token counts: (B,), (B,).
+
+    Prompt and padding positions carry `ignore_index` in `labels` and contribute nothing; a sequence
+    with no completion tokens gets 0 (its mean divides by max(count, 1)).
+    """
+    logps, mask = token_logps(logits, labels, ignore_index)
+    counts = mask.sum(-1)
+    total = logps.sum(-1)
+    return (total / counts.clamp(min=1) if average else total), counts
+
+
+def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy over all completion tokens of the batch (token-weighted, like
+    `F.cross_entropy(ignore_index=...)`), so long answers weigh by their length. 0 if there are none."""
+    logps, mask = token_logps(logits, labels, ignore_index)
+    return -logps.sum() / mask.sum().clamp(min=1)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair DPO losses and the implicit rewards of chosen and rejected: three (B,) tensors.
+
+    The reference is frozen by definition, so its log-probs are detached here: a caller that forgot
+    `no_grad` cannot leak gradient into it. `label_smoothing` (cDPO: the label is flipped with
+    probability eps) only has a meaning for the sigmoid loss and is refused for the others rather than
+    silently ignored, as TRL does.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss_type!r}")
+    pc, pr = policy_chosen_logps.float(), policy_rejected_logps.float()
+    rc, rr = reference_chosen_logps.detach().float(), reference_rejected_logps.detach().float()
+    if not pc.shape == pr.shape == rc.shape == rr.shape:
+        raise ValueError(f"log-prob shapes differ: {[tuple(t.shape) for t in (pc, pr, rc, rr)]}")
+
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = F.relu(1 - beta * h)
+    chosen_rewards = beta * (pc - rc).detach()
+    rejected_rewards = beta * (pr - rr).detach()
+    return losses, chosen_rewards, rejected_rewards
