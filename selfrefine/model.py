@@ -65,8 +65,11 @@ class ModelConfig:
         kw.setdefault("num_kv_heads", hf["num_attention_heads"])
         if arch == "Qwen2ForCausalLM":
             kw["attention_bias"] = True
-        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), dict):
-            kw["rope_theta"] = hf["rope_parameters"].get("rope_theta", 10000.0)
+        rope = hf.get("rope_parameters")
+        if isinstance(rope, dict):  # transformers >= 5 nests rope_theta and the scaling here
+            kw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if not kw.get("rope_scaling") and rope.get("rope_type", "default") != "default":
+                kw["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:

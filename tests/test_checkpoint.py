@@ -1,0 +1,218 @@
+"""Checkpoint I/O against transformers on the same weights: HF-saved -> our loader, ours -> HF loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from selfrefine.checkpoint import load_config, load_model, save_model
+from selfrefine.errors import UserError
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CASES = {
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama3_untied": ("LlamaConfig", dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama_headdim": ("LlamaConfig", dict(head_dim=8)),
+    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
+    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
+}
+IDS = torch.tensor([[5, 17, 3, 88, 42, 9, 61, 0, 7, 33, 21, 90, 14, 2, 76, 50, 11, 8, 64, 30],
+                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
+
+
+def hf_model(case: str, seed: int = 0):
+    """A transformers model with every parameter random (HF zero-inits biases, which would hide bugs)."""
+    cls, kw = CASES[case]
+    cfg = getattr(transformers, cls)(**TINY, **kw, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def hf_dir(request, tmp_path_factory) -> tuple[str, Path, torch.Tensor]:
+    model = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, path, hf_logits(model)
+
+
+def test_load_matches_transformers(hf_dir):
+    case, path, expected = hf_dir
+    model = load_model(path)
+    with torch.no_grad():
+        ours = model(IDS)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert not model.training
+    assert all(p.device.type == "cpu" for p in model.parameters()) and model.inv_freq.device.type == "cpu"
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_save_roundtrip_through_transformers(hf_dir, tmp_path):
+    case, path, expected = hf_dir
+    save_model(load_model(path), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert ("lm_head.weight" in tensors) == (not json.loads((path / "config.json").read_text())["tie_word_embeddings"])
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert back.dtype == torch.float32
+    assert torch.equal(hf_logits(back), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(IDS), expected, atol=1e-5, rtol=0)
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = hf_model("llama3_untied", seed=1)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(IDS), hf_logits(model), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16", "float16", "torch.float32"])
+def test_dtype_at_load(untied_dir, dtype):
+    ref = load_model(untied_dir)
+    model = load_model(untied_dir, dtype=dtype)
+    want = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype.removeprefix("torch."))
+    assert {p.dtype for p in model.parameters()} == {want}
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q.to(want)), name
+
+
+def test_saved_dtype_is_recorded(hf_dir, tmp_path):
+    save_model(load_model(hf_dir[1], dtype="bfloat16"), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load_file(tmp_path / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_save_copies_tokenizer_files(hf_dir, tmp_path):
+    src = shutil.copytree(hf_dir[1], tmp_path / "src")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "tokenizer_config.json").write_text('{"eos_token": "x"}')
+    save_model(load_model(src), tmp_path / "out", tokenizer_from=src)
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_text() == "{}" and (out / "tokenizer_config.json").is_file()
+    assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+    assert not list(out.glob(".*.tmp"))
+
+
+# --- user errors: each names the file (and the tensor) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("untied")
+    hf_model("llama3_untied").save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def broken(untied_dir, tmp_path) -> Path:
+    """A writable copy of a tiny untied Llama checkpoint."""
+    shutil.copytree(untied_dir, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def raises(path: Path, *words: str) -> None:
+    with pytest.raises(UserError) as e:
+        load_model(path)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_error_missing_dir_and_config(tmp_path):
+    raises(tmp_path / "nope", "nope", "not found")
+    raises(tmp_path, "config.json", "not found")
+
+
+def test_error_bad_config(broken):
+    cfg = broken / "config.json"
+    cfg.write_text('{"vocab_size": 3,')
+    raises(broken, str(cfg), "invalid JSON")
+    cfg.write_text(json.dumps({**TINY, "architectures": ["GPT2LMHeadModel"]}))
+    raises(broken, str(cfg), "GPT2LMHeadModel")
+    cfg.write_text(json.dumps({**TINY, "hidden_act": "gelu"}))
+    raises(broken, str(cfg), "gelu")
+    cfg.write_text(json.dumps({**TINY, "attention_bias": True}))
+    raises(broken, str(cfg), "attention_bias")
+    cfg.write_text(json.dumps({**TINY, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    raises(broken, str(cfg), "yarn")
+
+
+def edit_tensors(path: Path, fn) -> Path:
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+    return file
+
+
+def test_error_wrong_shape(broken):
+    file = edit_tensors(broken, lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(95, 64)}))
+    raises(broken, str(file), "model.layers.1.mlp.up_proj.weight", "(95, 64)", "(96, 64)")
+
+
+def test_error_missing_tensor(broken):
+    file = edit_tensors(broken, lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
+    raises(broken, str(file), "missing tensor", "model.layers.0.self_attn.k_proj.weight")
+
+
+def test_error_missing_untied_head(broken):
+    edit_tensors(broken, lambda t: t.pop("lm_head.weight"))
+    raises(broken, "missing tensor", "lm_head.weight")
+
+
+def test_error_unexpected_tensor(broken):
+    file = edit_tensors(broken, lambda t: t.update({"model.layers.0.mlp.gate_proj.bias": torch.zeros(96)}))
+    raises(broken, str(file), "unexpected tensor", "model.layers.0.mlp.gate_proj.bias")
+
+
+def test_error_truncated_and_corrupt(broken):
+    file = broken / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100])
+    raises(broken, str(file), "truncated or corrupt")
+    file.write_bytes(b"\x00" * 64)
+    raises(broken, str(file), "truncated or corrupt")
+
+
+def test_error_no_weights_and_bad_index(broken):
+    (broken / "model.safetensors").unlink()
+    raises(broken, str(broken), "model.safetensors")
+    index = broken / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))
+    raises(broken, "model-00001-of-00002.safetensors", "not found")
+    index.write_text("{")
+    raises(broken, str(index), "invalid JSON")
+
+
+def test_error_bad_dtype(untied_dir):
+    with pytest.raises(UserError, match="float64"):
+        load_model(untied_dir, dtype="float64")
+
+
+def test_load_config_reads_llama3_rope_parameters(tmp_path):
+    """transformers >= 5 writes rope_theta and the scaling under `rope_parameters`."""
+    cfg = transformers.LlamaConfig(**TINY, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
+    cfg.save_pretrained(tmp_path)
+    ours = load_config(tmp_path)
+    assert ours.rope_theta == 500000.0 and ours.rope_scaling["rope_type"] == "llama3"
+    assert ours.rope_scaling["original_max_position_embeddings"] == 16
