@@ -1,0 +1,98 @@
+"""Turn SFT records and preference pairs into token ids with loss masks, and batch them.
+
+Labels carry -100 on the prompt and the padding, so the loss sees only the completion and its single
+end-of-turn token. Padding is on the right and found from lengths, never from the pad id (SmolLM2's pad
+is its EOS, which must be trained).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import fail
+from .io import read_jsonl
+
+IGNORE = -100
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class PairExample:
+    chosen: SFTExample
+    rejected: SFTExample
+    ref_logps: tuple[float, float] | None = None  # precomputed reference (chosen, rejected)
+
+
+def as_messages(prompt: object, path: os.PathLike | str, line: int, field: str) -> Messages:
+    if isinstance(prompt, str) and prompt.strip():
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        return prompt
+    fail(f"field {field!r} must be a non-empty string or a list of {{role, content}} messages", path, line)
+
+
+def read_sft(path: str | os.PathLike) -> list[tuple[int, Messages, str]]:
+    """(line, prompt messages, completion) from `{"prompt", "completion"}` or `{"messages": [...]}` records."""
+    rows = []
+    for line, rec in read_jsonl(path):
+        if "messages" in rec:
+            msgs = as_messages(rec["messages"], path, line, "messages")
+            if msgs[-1].get("role") != "assistant" or len(msgs) < 2:
+                fail("'messages' must end with an assistant turn after at least one other turn", path, line)
+            prompt, completion = msgs[:-1], msgs[-1]["content"]
+        else:
+            for key in ("prompt", "completion"):
+                if key not in rec:
+                    fail(f"missing field {key!r} (records need prompt+completion, or messages)", path, line)
+            prompt, completion = as_messages(rec["prompt"], path, line, "prompt"), rec["completion"]
+        if not isinstance(completion, str) or not completion.strip():
+            fail("empty completion", path, line)
+        rows.append((line, prompt, completion))
+    return rows
+
+
+def encode_example(tok, prompt: Messages, completion: str, max_len: int, path, line: int) -> tuple[SFTExample, bool]:
+    """Prompt + completion ids, prompt masked; (example, was the completion truncated to fit max_len)."""
+    p, c = tok.encode_prompt_completion(prompt, completion)
+    if len(p) >= max_len:
+        fail(f"prompt is {len(p)} tokens, no room for the completion within --max-len {max_len}", path, line)
+    truncated = len(p) + len(c) > max_len
+    c = c[: max_len - len(p)]
+    return SFTExample(p + c, [IGNORE] * len(p) + c), truncated
+
+
+def encode_sft(tok, rows: list[tuple[int, Messages, str]], max_len: int, path) -> tuple[list[SFTExample], int]:
+    out, n_trunc = [], 0
+    for line, prompt, completion in rows:
+        ex, truncated = encode_example(tok, prompt, completion, max_len, path, line)
+        out.append(ex)
+        n_trunc += truncated
+    return out, n_trunc
+
+
+def pad_batch(examples: list[SFTExample], pad_id: int) -> dict:
+    """Right-pad to the longest row: causal attention never lets a real token see the padding after it."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "labels": labels, "n_tokens": sum(len(e.input_ids) for e in examples)}
+
+
+def collate_pairs(pairs: list[PairExample], pad_id: int) -> dict:
+    """Chosen rows then rejected rows in one padded batch, so one forward pass scores both."""
+    batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    refs = [p.ref_logps for p in pairs]
+    batch["ref_logps"] = None if any(r is None for r in refs) else torch.tensor(refs, dtype=torch.float32)
+    return batch

@@ -1,0 +1,64 @@
+"""Run folders: `OUT/run.json` records the config, git commit, library versions and seed, and guards
+against mixing two runs in one folder or resuming with a different config."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import fail
+from .io import read_json, write_json
+
+RUN_FILE = "run.json"
+# Flags that say how to run, not what to compute: changing them on resume is fine.
+NEUTRAL_KEYS = {"resume", "allow_config_change", "progress", "save_every"}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for pkg in ("torch", "tokenizers", "safetensors", "numpy", "tqdm"):
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_config_change: bool = False) -> Path:
+    """Create or re-open OUT; refuse a folder holding something else, and a resume with another config."""
+    out = Path(out_dir)
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        if not resume:
+            fail("this folder holds another run: pass --resume to continue it, or choose a new --out", out)
+        old = read_json(run_file).get("config", {})
+        changed = sorted(k for k in set(old) | set(config)
+                         if k not in NEUTRAL_KEYS and old.get(k) != config.get(k))
+        if changed and not allow_config_change:
+            k = changed[0]
+            fail(f"--resume with a different config ({k}: {old.get(k)!r} -> {config.get(k)!r}); "
+                 "pass --allow-config-change to accept", run_file)
+    elif out.exists() and any(out.iterdir()):
+        fail("output folder is not empty and holds no run.json; choose a new --out", out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"config": config, "git_commit": git_commit(), "versions": versions(), "seed": config.get("seed"),
+              "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if run_file.exists():
+        prior = read_json(run_file)
+        record = {**prior, "config": config, "resumed": prior.get("resumed", []) + [record["started"]]}
+    write_json(run_file, record)
+    return out

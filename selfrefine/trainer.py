@@ -1,0 +1,205 @@
+"""The training loop shared by SFT and DPO: AdamW, cosine schedule with warmup, clipping, accumulation,
+mixed precision on CUDA, atomic checkpoints with exact resume, clean stops on SIGINT/SIGTERM and on NaN.
+
+A stage supplies only `step_fn(model, batch) -> (loss, metrics, n_tokens)`; everything else is here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .io import append_jsonl, atomic_write, write_jsonl
+from .schedule import MicroBatchOrder, cosine_lr, total_steps
+
+StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    gradient_checkpointing: bool = False
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint of the last finished step has been written."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint saved, rerun with --resume to continue")
+        self.step = step
+
+
+def autocast_context(device: torch.device) -> tuple[contextlib.AbstractContextManager, bool]:
+    """(autocast context, needs a grad scaler): bfloat16 on CUDA, float16 + scaler where bf16 is missing, float32 on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), False
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), False
+    return torch.autocast("cuda", dtype=torch.float16), True
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __enter__(self) -> "_StopFlag":
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    scaler: torch.amp.GradScaler | None) -> None:
+    """Trainable parameters, optimizer, step and RNG states, in one atomically replaced file."""
+    state = {
+        "step": step,
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    with atomic_write(out_dir / CHECKPOINT, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None) -> int:
+    path = out_dir / CHECKPOINT
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or damaged file is the user's to fix, not a crash
+        raise UserError(f"cannot read checkpoint ({type(e).__name__}); delete it to start over", path) from None
+    params = dict(model.named_parameters())
+    missing = [n for n in state["trainable"] if n not in params]
+    if missing or set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
+        raise UserError(f"checkpoint does not match this model/adapter (e.g. {(missing or ['trainable set'])[0]})", path)
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def _trim_metrics(out_dir: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    path = out_dir / METRICS
+    if path.exists():
+        lines = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        write_jsonl(path, [r for r in lines if r.get("step", 0) <= step])
+
+
+def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any], step_fn: StepFn,
+          cfg: TrainConfig, out_dir: Path, device: torch.device, resume: bool = False,
+          desc: str = "train") -> dict[str, float]:
+    """Run optimizer steps up to the configured total; returns the last logged metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, device)
+    amp, needs_scaler = autocast_context(device)
+    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+    torch.manual_seed(cfg.seed)
+    start = 0
+    if resume and (out_dir / CHECKPOINT).exists():
+        start = load_checkpoint(out_dir, model, optimizer, scaler)
+        _trim_metrics(out_dir, start)
+    total = total_steps(len(examples), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    order = MicroBatchOrder(len(examples), cfg.batch_size, cfg.seed)
+    model.train()
+    if hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+    last: dict[str, float] = {}
+    t_start = time.perf_counter()
+    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+    with _StopFlag() as stop:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, float] = {}
+            n_tokens = 0
+            for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+                batch = collate([examples[i] for i in order.micro_batch(k)])
+                with amp:
+                    loss, metrics, tokens = step_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(out_dir, step, "loss")
+                scaled = loss / cfg.grad_accum
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                n_tokens += tokens
+                for name, v in {"loss": loss.item(), **metrics}.items():
+                    sums[name] = sums.get(name, 0.0) + v / cfg.grad_accum
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            if not math.isfinite(grad_norm) and scaler is None:
+                raise TrainingDiverged(out_dir, step, "gradient")
+            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            last = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                    "tokens_per_s": n_tokens / dt, "elapsed_s": time.perf_counter() - t_start}
+            append_jsonl(out_dir / METRICS, last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
+            done = step + 1 == total
+            if done or stop.set or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                save_checkpoint(out_dir, model, optimizer, step + 1, scaler)
+            if stop.set and not done:
+                bar.close()
+                raise Interrupted(step + 1)
+    bar.close()
+    if start >= total:
+        print(f"{desc}: already at step {start} of {total}; nothing to train")
+    return last
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient: stop before the optimizer writes NaN into the weights."""
+
+    def __init__(self, out_dir: Path, step: int, what: str) -> None:
+        ckpt = out_dir / CHECKPOINT
+        kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written"
+        super().__init__(f"non-finite {what} at step {step + 1}; stopped before updating the weights, {kept} "
+                         "(try a lower --lr or --max-grad-norm)", out_dir)
