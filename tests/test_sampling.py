@@ -1,0 +1,216 @@
+"""The batched KV-cache sampler against plain full recomputation, hand-built distributions and
+transformers' logits warpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfrefine.errors import UserError
+from selfrefine.model import ModelConfig, Transformer
+from selfrefine.sampling import SamplingParams, filter_logits, generate, plan_batches
+
+VOCAB = 32
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # larger weights than nn.Linear's default: peaked logits, no near-ties in greedy
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return m
+
+
+def prompts_of(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+LENGTHS = [5, 1, 17, 9, 3, 12, 30, 2, 8, 8, 21, 4, 6, 15, 11, 7]
+
+
+@torch.no_grad()
+def greedy_by_recomputation(model: Transformer, prompt: list[int], max_new: int, stop_ids=()) -> list[int]:
+    """The oracle: no cache, no padding, the whole sequence re-run for every token."""
+    seq, out = list(prompt), []
+    for _ in range(max_new):
+        tok = int(model(torch.tensor([seq]))[0, -1].argmax())
+        if tok in stop_ids:
+            break
+        seq.append(tok)
+        out.append(tok)
+    return out
+
+
+def decode_letters(ids: list[int]) -> str:
+    return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+@pytest.mark.parametrize("stop_ids", [[], [3, 7, 11]])
+def test_greedy_with_cache_matches_full_recomputation(model, stop_ids):
+    prompts = prompts_of(LENGTHS)
+    res = generate(model, prompts, SamplingParams(max_new_tokens=16), stop_ids=stop_ids, batch_size=5, progress=False)
+    stopped = 0
+    for p, (c,) in zip(prompts, res):
+        ref = greedy_by_recomputation(model, p, 16, stop_ids)
+        assert c.token_ids == ref
+        assert c.finish_reason == ("length" if len(ref) == 16 else "stop")
+        stopped += c.finish_reason == "stop"
+    if stop_ids:
+        assert 3 <= stopped <= 13  # rows left the batch at different steps: compaction was exercised
+
+
+def test_prompt_in_mixed_batch_equals_prompt_alone(model):
+    prompts = prompts_of(LENGTHS)
+    params = SamplingParams(max_new_tokens=12)
+    batched = generate(model, prompts, params, stop_ids=[5], batch_size=16, progress=False)
+    for i in (1, 6, 10):
+        (alone,), = generate(model, [prompts[i]], params, stop_ids=[5], progress=False)
+        assert batched[i][0] == alone
+
+
+def test_positions_count_from_first_real_token(model, monkeypatch):
+    """RoPE is shift-invariant, so outputs cannot show wrong positions; they matter for the context limit."""
+    calls = []
+    inner = model.hidden_states
+
+    def spy(ids, positions=None, key_mask=None, cache=None):
+        calls.append((positions.clone(), None if key_mask is None else key_mask.clone()))
+        return inner(ids, positions, key_mask, cache)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    generate(model, prompts_of([2, 4]), SamplingParams(max_new_tokens=3), stop_ids=[], progress=False)
+    (pos0, mask0), (pos1, mask1), (pos2, mask2) = calls
+    # The plan puts the longer prompt first; the shorter one is left-padded by 2.
+    assert pos0.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]] and mask0.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert pos1.tolist() == [[4], [2]] and pos2.tolist() == [[5], [3]]
+    assert mask2.tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1]]
+
+
+def test_plan_batches_sorted_longest_first_with_n_rows_per_prompt():
+    plan = plan_batches([2, 5, 3, 5], n=2, batch_size=3)
+    assert plan == [[(1, 0), (1, 1), (3, 0)], [(3, 1), (2, 0), (2, 1)], [(0, 0), (0, 1)]]
+
+
+def test_seeds_and_subsets_of_batches(model):
+    prompts = prompts_of(LENGTHS[:6])
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.95, n=3)
+    kw = dict(stop_ids=[3], batch_size=4, progress=False)
+    seen = []
+    a = generate(model, prompts, params, seed=7, on_batch=lambda rows, cs: seen.append((rows, cs)), **kw)
+    assert generate(model, prompts, params, seed=7, **kw) == a
+    b = generate(model, prompts, params, seed=8, **kw)
+    assert [c.token_ids for r in a for c in r] != [c.token_ids for r in b for c in r]
+    # n samples of one prompt differ (each row draws its own tokens).
+    assert len({tuple(c.token_ids) for c in a[0]}) > 1
+    # Running batches 1 and 3 alone reproduces exactly those rows; the rest stay None.
+    plan = plan_batches([len(p) for p in prompts], 3, 4)
+    part = generate(model, prompts, params, seed=7, batches=[3, 1], **kw)
+    ran = {row for b_ in (1, 3) for row in plan[b_]}
+    for i in range(len(prompts)):
+        for j in range(3):
+            assert part[i][j] == (a[i][j] if (i, j) in ran else None)
+    assert [rows for rows, _ in seen] == plan
+    assert all(a[i][j] == c for rows, cs in seen for (i, j), c in zip(rows, cs))
+    with pytest.raises(UserError, match="batch index 5 out of range"):
+        generate(model, prompts, params, batches=[5], **kw)
+
+
+def test_first_token_follows_the_filtered_distribution(model):
+    """4000 samples of one token: empirical frequencies within 4.5 sigma of softmax(filter(logits))."""
+    prompt = prompts_of([6])[0]
+    n, params = 4000, SamplingParams(max_new_tokens=1, temperature=0.7, top_k=8, n=4000)
+    res = generate(model, [prompt], params, stop_ids=[], batch_size=n, progress=False)
+    counts = torch.bincount(torch.tensor([c.token_ids[0] for c in res[0]]), minlength=VOCAB).double()
+    with torch.no_grad():
+        probs = filter_logits(model(torch.tensor([prompt]))[0, -1], 0.7, 8, 1.0).softmax(-1).double()
+    assert counts[probs == 0].sum() == 0
+    sigma = (n * probs * (1 - probs)).sqrt().clamp(min=1.0)
+    assert ((counts - n * probs).abs() <= 4.5 * sigma).all(), (counts, n * probs)
+
+
+def test_filter_logits_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    assert torch.equal(filter_logits(x, 0.5, 0, 1.0), torch.tensor([[2.0, 4.0, 6.0]]))
+    assert torch.equal(filter_logits(x, 0.0, 0, 1.0), x)  # greedy: the caller takes argmax of unscaled logits
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    kept = filter_logits(logits, 1.0, 7, 1.0).isfinite()
+    assert (kept.sum(-1) == 7).all()
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(-1, logits.topk(7).indices, True))
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    for p, expect in [(0.4, [1]), (0.75, [1, 3]), (0.85, [1, 2, 3]), (0.99, [0, 1, 2, 3]), (1e-6, [1])]:
+        kept = filter_logits(probs.log(), 1.0, 0, p).isfinite()[0]
+        assert kept.nonzero().flatten().tolist() == expect, p
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 10, 0.9), (1.3, 0, 0.5), (1.0, 3, 1.0), (0.5, 40, 0.3)])
+def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    logits = 3 * torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = warpers(torch.zeros(8, 1, dtype=torch.long), logits.clone())
+    torch.testing.assert_close(filter_logits(logits, temperature, top_k, top_p), expected, rtol=0, atol=0)
+
+
+def test_stop_strings_stop_ids_and_max_new_tokens(model):
+    prompts = prompts_of([4, 9, 13])
+    free = generate(model, prompts, SamplingParams(max_new_tokens=20), stop_ids=[], decode=decode_letters,
+                    progress=False)
+    for (c,) in free:
+        assert len(c.token_ids) == 20 and c.finish_reason == "length" and c.text == decode_letters(c.token_ids)
+    ref = free[1][0].token_ids
+    stop = decode_letters(ref[5:7])  # a two-letter string that occurs in prompt 1's continuation
+    first = decode_letters(ref).find(stop)
+    res = generate(model, prompts, SamplingParams(max_new_tokens=20, stop_strings=("zzzz", stop)), stop_ids=[],
+                   decode=decode_letters, progress=False)
+    c = res[1][0]
+    assert (c.finish_reason, c.text, c.token_ids) == ("stop", decode_letters(ref)[:first], ref[:first + 2])
+    # A stop id ends the row and is not part of the completion.
+    sid = free[2][0].token_ids[4]
+    c = generate(model, [prompts[2]], SamplingParams(max_new_tokens=20), stop_ids=[sid], decode=decode_letters,
+                 progress=False)[0][0]
+    cut = free[2][0].token_ids.index(sid)
+    assert (c.finish_reason, c.token_ids, c.text) == ("stop", ref_ids := free[2][0].token_ids[:cut],
+                                                      decode_letters(ref_ids))
+    with pytest.raises(ValueError, match="decode"):
+        generate(model, prompts, SamplingParams(stop_strings=("a",)), stop_ids=[], progress=False)
+
+
+def test_context_limit(model):
+    ctx = model.config.max_position_embeddings
+    prompts = prompts_of([ctx - 3, 5])
+    res = generate(model, prompts, SamplingParams(max_new_tokens=10), stop_ids=[], progress=False)
+    assert len(res[0][0].token_ids) == 3 and res[0][0].finish_reason == "length"  # prompt + new = context
+    assert res[0][0].token_ids == greedy_by_recomputation(model, prompts[0], 3)
+    assert len(res[1][0].token_ids) == 10
+    with pytest.raises(UserError, match="prompt 1 has 64 tokens"):
+        generate(model, prompts_of([3, ctx]), SamplingParams(), stop_ids=[], progress=False)
+    with pytest.raises(UserError, match="prompt 0 is empty"):
+        generate(model, [[]], SamplingParams(), stop_ids=[], progress=False)
+    with pytest.raises(UserError, match="top_p"):
+        SamplingParams(top_p=0.0)
+
+
+def test_packaged_smollm2_greedy_matches_recomputation(smollm2_dir):
+    from selfrefine.checkpoint import load_model
+    from selfrefine.tokenizer import Tokenizer
+
+    model, tok = load_model(smollm2_dir).eval(), Tokenizer.from_dir(smollm2_dir)
+    questions = ["What is 7 times 8?", "Name a primary colour.",
+                 "If I have 3 apples and eat one, how many are left? Think step by step.", "Hi"]
+    prompts = [tok.encode_chat(q) for q in questions]
+    res = generate(model, prompts, SamplingParams(max_new_tokens=16), stop_ids=tok.stop_ids, decode=tok.decode,
+                   batch_size=4, progress=False)
+    for p, (c,) in zip(prompts, res):
+        ref = greedy_by_recomputation(model, p, 16, tok.stop_ids)
+        assert c.token_ids == ref
+        assert c.text == tok.decode(ref) and c.text.strip()
