@@ -1,0 +1,178 @@
+"""Sample answers to a task's questions: teacher demonstrations (stage 1) and the student's own
+reasoning paths for self-refine (stage 2). One JSON line per sample, scored against the gold answer."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import fail
+from ..io import append_jsonl, read_jsonl, write_jsonl
+from ..sampling import SamplingParams, generate, plan_batches
+from ..tasks import Example, demonstration, extract_answer, get_task, is_correct, render_prompt
+from .common import add_model_args, load
+
+PROMPT_TYPES = {"cot": ("cot",), "direct": ("direct",), "both": ("cot", "direct")}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__)
+    add_model_args(p)
+    p.add_argument("--task", required=True, help="a task name (see selfrefine.tasks), or raw for {id, prompt} JSONL")
+    p.add_argument("--data", help="the task's data file (the embedded arith tasks need none)")
+    p.add_argument("--split", default="test", help="embedded tasks: train or test")
+    p.add_argument("--size", type=int, help="embedded tasks: number of generated questions")
+    p.add_argument("--data-seed", type=int, default=0, help="embedded tasks: generator seed")
+    p.add_argument("--limit", type=int, help="first N questions only")
+    p.add_argument("--prompt", default="cot", choices=list(PROMPT_TYPES), help="both = cot and direct samples")
+    p.add_argument("--n", type=int, default=1, help="samples per question (cot prompt)")
+    p.add_argument("--n-direct", type=int, default=1, help="samples per question for the direct prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="plain text prompts, no chat template")
+    p.add_argument("--out", required=True, help="samples JSONL (written atomically at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.partial, skipping finished batches")
+    p.add_argument("--keep-correct", action="store_true", help="also write the correct cot answers as SFT demos")
+    p.add_argument("--demos-out", help="with --keep-correct: demonstrations JSONL {id, prompt, completion}")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+@dataclass
+class Question:
+    id: str
+    example: Example | None  # None for --task raw
+    prompts: dict[str, str]  # prompt type -> user-turn text
+    line: int | None = None
+
+
+def load_questions(args: argparse.Namespace) -> tuple[list[Question], str | None]:
+    """(questions, task kind); raw prompts come with their line numbers for error messages."""
+    if args.task == "raw":
+        if not args.data:
+            fail("--task raw needs --data with {id, prompt} JSONL records")
+        rows = read_jsonl(args.data, required=("id", "prompt"))[: args.limit]
+        return [Question(str(r["id"]), None, {"cot": r["prompt"], "direct": r["prompt"]}, line) for line, r in rows], None
+    task = get_task(args.task)
+    examples = task.load(args.data, limit=args.limit, split=args.split, size=args.size, seed=args.data_seed)
+    if not examples:
+        fail("no questions", args.data or args.task)
+    return [Question(e.id, e, {t: render_prompt(e, task.kind, t) for t in ("cot", "direct")}) for e in examples], task.kind
+
+
+def score(q: Question, kind: str | None, completion: str) -> dict:
+    if q.example is None:
+        return {"pred": None, "gold": None, "correct": None}
+    pred = extract_answer(completion, kind, q.example.choices)
+    return {"pred": pred, "gold": q.example.gold, "correct": is_correct(pred, q.example.gold, kind)}
+
+
+def rationale_demos(questions: list[Question], kind: str) -> list[dict]:
+    """The data set's own rationales (or the embedded task's programmatic teacher) as demonstrations."""
+    demos = []
+    for q in questions:
+        text = demonstration(q.example, kind)
+        if text:
+            demos.append({"id": q.id, "prompt": q.prompts["cot"], "completion": text})
+    return demos
+
+
+def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
+    """Finished samples of an interrupted run, keyed by (prompt type, question index, sample index)."""
+    rows = read_jsonl(path, allow_empty=True)
+    if not rows or rows[0][1].get("_header") != header:
+        fail("partial samples were made with other settings; delete the file or drop --resume", path, 1)
+    return {(r["prompt_type"], r["_q"], r["sample"]): r for _, r in rows[1:]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parser().parse_args(argv)
+    if args.demos_out and not args.keep_correct:
+        fail("--demos-out goes with --keep-correct")
+    questions, kind = load_questions(args)
+    model, tok, _ = load(args)
+    encode = (lambda text: tok.encode(text, add_bos=True)) if args.no_chat else tok.encode_chat
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    header = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "batch_size")}
+    done = read_partial(partial, header) if args.resume and partial.exists() else {}
+    if not done:
+        write_jsonl(partial, [{"_header": header}])
+    ctx = model.config.max_position_embeddings
+    records = []
+    for ptype in PROMPT_TYPES[args.prompt]:
+        n = args.n if ptype == "cot" else args.n_direct
+        prompts = [encode(q.prompts[ptype]) for q in questions]
+        for q, ids in zip(questions, prompts):
+            if len(ids) >= ctx:
+                fail(f"question {q.id}: prompt of {len(ids)} tokens leaves no room in the {ctx}-token context",
+                     args.data, q.line)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, n=n)
+        seed = args.seed + (0 if ptype == "cot" else 1_000_003)
+        plan = plan_batches([len(p) for p in prompts], n, args.batch_size)
+        todo = [b for b, rows in enumerate(plan) if any((ptype, i, j) not in done for i, j in rows)]
+
+        def save_batch(rows, completions, ptype=ptype):
+            for (i, j), c in zip(rows, completions):
+                q = questions[i]
+                rec = {"task": args.task, "id": q.id, "sample": j, "prompt_type": ptype, "prompt": q.prompts[ptype],
+                       "completion": c.text, **score(q, kind, c.text), "finish_reason": c.finish_reason, "_q": i}
+                append_jsonl(partial, rec)
+                done[(ptype, i, j)] = rec
+
+        generate(model, prompts, params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=args.batch_size,
+                 seed=seed, progress=not args.no_progress, batches=todo, on_batch=save_batch)
+        records += [{k: v for k, v in done[(ptype, i, j)].items() if k != "_q"}
+                    for i in range(len(questions)) for j in range(n)]
+    write_jsonl(out, records)
+    os.unlink(partial)
+    summary = f"{len(records)} samples -> {out}"
+    if kind is not None:
+        for ptype in PROMPT_TYPES[args.prompt]:
+            sub = [r for r in records if r["prompt_type"] == ptype]
+            summary += f"; {ptype}: {sum(r['correct'] for r in sub)}/{len(sub)} correct"
+    print(summary)
+    if args.keep_correct:
+        demos, seen = [], set()
+        for r in records:
+            if r["prompt_type"] == "cot" and r["correct"] and r["id"] not in seen:
+                seen.add(r["id"])
+                demos.append({"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]})
+        dest = Path(args.demos_out or out.with_name(out.stem + ".demos.jsonl"))
+        write_jsonl(dest, demos)
+        print(f"{len(demos)} demonstrations (one correct cot answer per question) -> {dest}")
+    return records
+
+
+def rationales_main(argv: list[str] | None = None) -> list[dict]:
+    """`sample.py --from-rationales`: demonstrations from the data's own rationales, no model needed."""
+    p = argparse.ArgumentParser(prog="sample.py --from-rationales")
+    for flag in ("--task", "--data", "--split", "--demos-out"):
+        p.add_argument(flag, required=flag in ("--task", "--demos-out"))
+    p.add_argument("--size", type=int)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--limit", type=int)
+    args = p.parse_args(argv)
+    args.split = args.split or "train"
+    questions, kind = load_questions(args)
+    demos = rationale_demos(questions, kind)
+    if not demos:
+        fail(f"task {args.task} has no rationales to use as demonstrations", args.data)
+    write_jsonl(args.demos_out, demos)
+    print(f"{len(demos)} demonstrations from the data's rationales -> {args.demos_out}")
+    return demos
+
+
+def cli(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--from-rationales" in argv:
+        return rationales_main([a for a in argv if a != "--from-rationales"])
+    return main(argv)
