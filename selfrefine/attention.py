@@ -69,7 +69,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """`mask` from `attention_mask`; None means plain causal (or, for one new token, see every slot)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -77,13 +78,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)
-        gqa = self.heads != self.kv_heads
-        if key_mask is None and k.shape[2] == T:
-            # Training / full prefill without padding on the left: the flash path needs no mask.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            if key_mask is None:
-                key_mask = torch.ones(B, k.shape[2], dtype=torch.bool, device=x.device)
-            mask = attention_mask(key_mask, T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        # Without a mask, SDPA's causal flash path (training, prefill) or no masking at all (one decode token).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, KVCache
+from .attention import Attention, KVCache, attention_mask
 from .rope import inverse_frequencies, rope_cos_sin
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -126,8 +126,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, key_mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -172,11 +172,17 @@ class Transformer(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        past = cache.length if cache is not None else 0
+        mask = None  # built once here, not in each layer
+        if key_mask is not None or (past and T > 1):
+            if key_mask is None:
+                key_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
+            mask = attention_mask(key_mask, T)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, key_mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, key_mask, cache)
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
