@@ -154,6 +154,24 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_config(cfg: Any, path: str) -> None:
+    """Refuse, before the first stage, a config that a later stage would trip over an hour in."""
+    sections = ("train", "sft", "sample", "dpo", "eval")
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), dict) for k in sections):
+        fail(f"config needs the sections {', '.join(sections)} (JSON objects)", path)
+    if "task" not in cfg["train"]:
+        fail("section train needs a 'task'", path)
+    teacher = cfg.get("teacher", {"type": "rationales"})
+    if not isinstance(teacher, dict) or teacher.get("type") not in ("rationales", "model") or (
+            teacher["type"] == "model" and "model" not in teacher):
+        fail('teacher must be {"type": "rationales"} or {"type": "model", "model": DIR, "sampling": {...}}', path)
+    for split in SPLITS:
+        specs = cfg["eval"].get(split)
+        specs = specs if isinstance(specs, list) else [specs]
+        if not specs or not all(isinstance(s, dict) and "task" in s for s in specs):
+            fail(f"eval.{split} must be a {{task, ...}} object or a non-empty list of them", path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m selfrefine.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,13 +181,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--model", help="student model directory (instead of converting the packaged SmolLM2)")
     p.add_argument("--data-dir", help="fills {data_dir} in the config's paths")
+    p.add_argument("--teacher", help="fills {teacher}: the teacher model directory of configs that sample one")
     args = p.parse_args(argv)
     cfg = read_json(args.config)
-    if not isinstance(cfg, dict) or not all(k in cfg for k in ("train", "sft", "sample", "dpo", "eval")):
-        fail("config needs the sections train, sft, sample, dpo and eval", args.config)
-    if "{data_dir}" in json.dumps(cfg) and not args.data_dir:
-        fail("this config's paths use {data_dir}: pass --data-dir DIR", args.config)
-    cfg = substitute(cfg, {"data_dir": args.data_dir or ""})
+    check_config(cfg, args.config)
+    for key in ("data_dir", "teacher"):
+        if "{" + key + "}" in json.dumps(cfg) and not getattr(args, key):
+            fail(f"this config uses {{{key}}}: pass --{key.replace('_', '-')} ...", args.config)
+    cfg = substitute(cfg, {"data_dir": args.data_dir or "", "teacher": args.teacher or ""})
     if args.model:
         cfg["model"] = args.model
     out = Path(args.out)

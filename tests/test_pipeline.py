@@ -52,3 +52,24 @@ def test_bad_config_is_one_line_error(tmp_path: Path):
     config.write_text('{"train": {}}')
     with pytest.raises(UserError, match="c.json: config needs the sections"):
         pipeline.main(["--config", str(config), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("name", ["demo.json", "gsm8k.json", "commonsense.json"])
+def test_shipped_configs_give_valid_flags(name: str):
+    """Every option in a shipped config is a flag its script accepts (a typo would only show hours in)."""
+    from selfrefine.recipes import dpo, eval as eval_recipe, sample, sft
+
+    cfg = json.loads((Path(__file__).parent.parent / "configs" / name).read_text())
+    cfg = pipeline.substitute(cfg, {"data_dir": "/d", "teacher": "/t"})
+    base = ["--model", "m", "--out", "o"]
+    sft.parser().parse_args(base + ["--data", "x"] + pipeline.flags(cfg["sft"]))
+    dpo.parser().parse_args(base + ["--pairs", "x"] + pipeline.flags({**cfg.get("pairs", {}), **cfg["dpo"]}))
+    sample.parser().parse_args(base + pipeline.flags({**cfg["train"], **cfg["sample"]}))
+    if cfg["teacher"]["type"] == "model":
+        sample.parser().parse_args(base + pipeline.flags({**cfg["train"], **cfg["teacher"]["sampling"]}))
+    for split in pipeline.SPLITS:
+        specs = cfg["eval"][split] if isinstance(cfg["eval"][split], list) else [cfg["eval"][split]]
+        for spec in specs:
+            extra = {k: v for k, v in spec.items() if k not in ("task", "data")}
+            eval_recipe.parser().parse_args(base + ["--task", spec["task"]] + pipeline.flags(
+                {**cfg.get("eval_options", {}), **extra}))
