@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import fail
+from .errors import UserError, fail
 from .io import read_jsonl
 
 IGNORE = -100
@@ -62,7 +62,10 @@ def read_sft(path: str | os.PathLike) -> list[tuple[int, Messages, str]]:
 
 def encode_example(tok, prompt: Messages, completion: str, max_len: int, path, line: int) -> tuple[SFTExample, bool]:
     """Prompt + completion ids, prompt masked; (example, was the completion truncated to fit max_len)."""
-    p, c = tok.encode_prompt_completion(prompt, completion)
+    try:
+        p, c = tok.encode_prompt_completion(prompt, completion)
+    except UserError as e:  # the tokenizer knows what is wrong, not where: name the record
+        fail(e.message, path, line)
     if len(p) >= max_len:
         fail(f"prompt is {len(p)} tokens, no room for the completion within --max-len {max_len}", path, line)
     truncated = len(p) + len(c) > max_len

@@ -103,7 +103,7 @@ def build_pairs_from_samples(args: argparse.Namespace) -> list[dict]:
     return pairs
 
 
-def encode_pairs(tok, records: list[tuple[int, dict]], max_len: int, path) -> list[PairExample]:
+def encode_pairs(tok, records: list[tuple[int | None, dict]], max_len: int, path) -> list[PairExample]:
     out = []
     for line, rec in records:
         prompt = as_messages(rec["prompt"], path, line, "prompt")
@@ -141,22 +141,23 @@ def main(argv: list[str] | None = None) -> dict:
         fail("--lora-dropout must be 0 for DPO: policy and reference must score with the same network")
     out_dir = Path(args.out)
     model, tok, device = load(args, training=True)
-    built = None if args.pairs else build_pairs_from_samples(args)
-    pairs_path = Path(args.pairs) if args.pairs else out_dir / "pairs.jsonl"
     if args.pairs:
+        pairs_path, built = Path(args.pairs), None
         records, skipped = load_pairs(pairs_path)
-    start_run(out_dir, vars(args), args.resume, args.allow_config_change)
-    if built is not None:
-        write_jsonl(pairs_path, built)
-        records, skipped = load_pairs(pairs_path)
+    else:  # the builder already dropped empty and identical pairs; pairs.jsonl is written once the run starts
+        pairs_path, built = out_dir / "pairs.jsonl", build_pairs_from_samples(args)
+        records, skipped = [(None, r) for r in built], {"count": 0}
+    pairs = encode_pairs(tok, records, args.max_len, args.pairs or args.samples)
     if skipped["count"]:
         print(f"skipped {skipped['count']} unusable pair(s): empty at lines {skipped['empty']}, "
               f"chosen == rejected at lines {skipped['identical']}")
-    pairs = encode_pairs(tok, records, args.max_len, pairs_path)
     reference = None
     if args.full:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     lora = make_trainable(model, args)
+    start_run(out_dir, vars(args), args.resume, args.allow_config_change)  # after every check: no stray run.json
+    if built is not None:
+        write_jsonl(pairs_path, built)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     step = DPOStep(args, reference)
     if args.precompute_ref:
