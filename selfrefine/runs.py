@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .errors import fail
 from .io import read_json, write_json
 
@@ -39,8 +40,13 @@ def versions() -> dict[str, str]:
 
 
 def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_config_change: bool = False) -> Path:
-    """Create or re-open OUT; refuse a folder holding something else, and a resume with another config."""
+    """Create or re-open OUT; refuse a folder holding something else, and a resume with another config.
+
+    Under torchrun rank 0 checks and writes while the others wait (they would see its run.json as "another run")."""
     out = Path(out_dir)
+    if not distributed.is_main():
+        distributed.barrier()
+        return out
     run_file = out / RUN_FILE
     if run_file.exists():
         if not resume:
@@ -61,4 +67,5 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
         prior = read_json(run_file)
         record = {**prior, "config": config, "resumed": prior.get("resumed", []) + [record["started"]]}
     write_json(run_file, record)
+    distributed.barrier()
     return out

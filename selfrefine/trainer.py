@@ -2,6 +2,8 @@
 mixed precision on CUDA, atomic checkpoints with exact resume, clean stops on SIGINT/SIGTERM and on NaN.
 
 A stage supplies only `step_fn(model, batch) -> (loss, metrics, n_tokens)`; everything else is here once.
+Under torchrun each rank takes its slice of every global micro-batch (`batch_size` examples per rank), so N
+ranks compute what one process computes with `batch_size * N` (see `selfrefine.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import UserError
 from .io import append_jsonl, atomic_write, write_jsonl
 from .schedule import MicroBatchOrder, cosine_lr, total_steps
@@ -40,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
 
 class Interrupted(Exception):
@@ -84,13 +88,23 @@ class _StopFlag:
 
 def save_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     scaler: torch.amp.GradScaler | None) -> None:
-    """Trainable parameters, optimizer, step and RNG states, in one atomically replaced file."""
+    """Trainable parameters, optimizer, step and RNG states, in one atomically replaced file.
+
+    Under torchrun every rank takes part (FSDP shards are gathered, each rank's RNG state is kept); rank 0 writes.
+    """
+    rngs = distributed.all_gather_object(
+        (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    trainable, optim = distributed.trainable_state(model), distributed.optimizer_state(model, optimizer)
+    if not distributed.is_main():
+        return
     state = {
         "step": step,
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "world": len(rngs),
+        "trainable": trainable,
+        "optimizer": optim,
+        "rng_cpu": rngs[0][0],
+        "rng_cuda": rngs[0][1],
+        "rng_ranks": rngs if len(rngs) > 1 else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
     with atomic_write(out_dir / CHECKPOINT, "wb") as f:
@@ -104,17 +118,19 @@ def load_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or damaged file is the user's to fix, not a crash
         raise UserError(f"cannot read checkpoint ({type(e).__name__}); delete it to start over", path) from None
+    if state.get("world", 1) != distributed.world():
+        raise UserError(f"checkpoint was written by {state.get('world', 1)} process(es), this run has "
+                        f"{distributed.world()}: resume with the same number (the data order depends on it)", path)
     params = dict(model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
     if missing or set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
         raise UserError(f"checkpoint does not match this model/adapter (e.g. {(missing or ['trainable set'])[0]})", path)
-    with torch.no_grad():
-        for n, t in state["trainable"].items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    distributed.load_training_state(model, optimizer, state["trainable"], state["optimizer"])
+    rng_cpu, rng_cuda = state["rng_ranks"][distributed.rank()] if state.get("rng_ranks") else (
+        state["rng_cpu"], state["rng_cuda"])
+    torch.set_rng_state(rng_cpu)
+    if rng_cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng_cuda)
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     return int(state["step"])
@@ -130,27 +146,36 @@ def _trim_metrics(out_dir: Path, step: int) -> None:
 
 def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any], step_fn: StepFn,
           cfg: TrainConfig, out_dir: Path, device: torch.device, resume: bool = False,
-          desc: str = "train") -> dict[str, float]:
-    """Run optimizer steps up to the configured total; returns the last logged metrics."""
+          desc: str = "train", loss_weight: Callable[[Any], float] | None = None) -> dict[str, float]:
+    """Run optimizer steps up to the configured total; returns the last logged metrics.
+
+    `loss_weight(batch)` is the denominator of the batch's mean loss (completion tokens for a token-mean
+    loss; None: the number of examples, right for a per-example mean). Under torchrun each rank's loss is
+    weighted by its share of the global micro-batch's denominator, so that DDP's gradient average equals
+    the gradient of the one-process loss over the whole micro-batch.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed.rank(), distributed.world()
+    engine = distributed.wrap(model, device, cfg.fsdp)  # FSDP swaps in sharded parameters: wrap first
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
     amp, needs_scaler = autocast_context(device)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as across the rows of one batch
     start = 0
     if resume and (out_dir / CHECKPOINT).exists():
         start = load_checkpoint(out_dir, model, optimizer, scaler)
-        _trim_metrics(out_dir, start)
-    total = total_steps(len(examples), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps)
-    order = MicroBatchOrder(len(examples), cfg.batch_size, cfg.seed)
+        if distributed.is_main():
+            _trim_metrics(out_dir, start)
+    total = total_steps(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+    order = MicroBatchOrder(len(examples), cfg.batch_size * world, cfg.seed)
     model.train()
     if hasattr(model, "gradient_checkpointing"):
         model.gradient_checkpointing = cfg.gradient_checkpointing
     last: dict[str, float] = {}
     t_start = time.perf_counter()
-    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not distributed.is_main())
     with _StopFlag() as stop:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -160,19 +185,30 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             sums: dict[str, float] = {}
             n_tokens = 0
             for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-                batch = collate([examples[i] for i in order.micro_batch(k)])
-                with amp:
-                    loss, metrics, tokens = step_fn(model, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(out_dir, step, "loss")
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                n_tokens += tokens
+                global_batch = order.micro_batch(k)
+                mine = global_batch[rank::world]
+                # A rank left without examples (a short last batch) runs one with weight 0: backward must still
+                # meet the other ranks in the gradient all-reduce.
+                batch = collate([examples[i] for i in mine or global_batch[:1]])
+                weight = 0.0 if not mine else len(mine) if loss_weight is None else float(loss_weight(batch))
+                with distributed.no_sync(engine, skip=k + 1 < (step + 1) * cfg.grad_accum):
+                    with amp:
+                        loss, metrics, tokens = step_fn(engine, batch)
+                    total_weight, bad = distributed.all_reduce_sum([weight, float(not torch.isfinite(loss))])
+                    if bad:
+                        raise TrainingDiverged(out_dir, step, "loss")
+                    share = world * weight / total_weight if total_weight else 0.0  # 1 in a single process
+                    scaled = loss * share / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                n_tokens += tokens if mine else 0
                 for name, v in {"loss": loss.item(), **metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + v / cfg.grad_accum
+                    sums[name] = sums.get(name, 0.0) + v * share / world / cfg.grad_accum
+            names = list(sums)
+            *values, n_tokens, stopping = distributed.all_reduce_sum([sums[n] for n in names] + [n_tokens, stop.set])
+            sums, n_tokens = dict(zip(names, values)), int(n_tokens)
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
             if not math.isfinite(grad_norm) and scaler is None:
                 raise TrainingDiverged(out_dir, step, "gradient")
             (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
@@ -180,13 +216,14 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             dt = time.perf_counter() - t0
             last = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                     "tokens_per_s": n_tokens / dt, "elapsed_s": time.perf_counter() - t_start}
-            append_jsonl(out_dir / METRICS, last)
+            if distributed.is_main():
+                append_jsonl(out_dir / METRICS, last)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             done = step + 1 == total
-            if done or stop.set or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out_dir, model, optimizer, step + 1, scaler)
-            if stop.set and not done:
+            if stopping and not done:
                 bar.close()
                 raise Interrupted(step + 1)
     bar.close()

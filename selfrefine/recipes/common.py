@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..checkpoint import load_model, save_model
 from ..errors import fail
 from ..lora import LoRAConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
@@ -46,6 +47,8 @@ def add_training_args(p: argparse.ArgumentParser, lora_dropout: float = 0.05) ->
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     g.add_argument("--merge", action="store_true", help="also write OUT/merged/, a full model directory")
     g.add_argument("--val-fraction", type=float, default=0.0, help="held-out share of the data for a final val loss")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -62,13 +65,18 @@ def check_training_args(args: argparse.Namespace) -> None:
             fail(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.val_fraction < 1:
         fail("--val-fraction must be in [0, 1)")
+    if args.fsdp and not args.full:
+        fail("--fsdp shards full fine-tuning; LoRA's few trainable weights need only DDP (drop --fsdp)")
 
 
 def pick_device(name: str) -> torch.device:
+    """Under torchrun a CUDA device is the rank's own (LOCAL_RANK), whatever index was asked for."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda") and distributed.launched():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -82,6 +90,7 @@ def pick_dtype(name: str, device: torch.device, training: bool) -> torch.dtype:
 def load(args: argparse.Namespace, training: bool = False) -> tuple[torch.nn.Module, Tokenizer, torch.device]:
     """Model (with --adapter applied; merged into the weights for training) and tokenizer."""
     device = pick_device(args.device)
+    distributed.init(device)
     model = load_model(args.model, dtype=pick_dtype(args.dtype, device, training), device=device)
     tok = Tokenizer.from_dir(args.model)
     if args.adapter:
@@ -106,14 +115,18 @@ def make_trainable(model: torch.nn.Module, args: argparse.Namespace) -> LoRAConf
 
 
 def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, args: argparse.Namespace, out: Path) -> None:
-    """OUT/adapter/ for LoRA; OUT/merged/ (a full model directory) with --merge or after full fine-tuning."""
-    if lora is not None:
+    """OUT/adapter/ for LoRA; OUT/merged/ (a full model directory) with --merge or after full fine-tuning.
+
+    Under torchrun rank 0 writes them (after FSDP, from the gathered full weights)."""
+    model = distributed.gathered_model(model)
+    if model is not None and lora is not None:
         save_adapter(model, out / "adapter", lora)
         print(f"adapter -> {out / 'adapter'}")
-    if lora is None or args.merge:
+    if model is not None and (lora is None or args.merge):
         merged = merge_and_unload(model) if lora is not None else model
         save_model(merged, out / "merged", tokenizer_from=args.model)
         print(f"merged model -> {out / 'merged'}")
+    distributed.barrier()  # ranks finish together: one leaving while rank 0 writes can abort its teardown
 
 
 def run_training(fn, *a, **kw):

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import distributed
 from ..errors import fail
 from ..io import write_json, write_jsonl
-from ..sampling import SamplingParams, generate
-from ..tasks import extract_answer, get_task, is_correct, render_prompt, wilson_interval
+from ..sampling import SamplingParams, generate, plan_batches
+from ..tasks import Example, Task, extract_answer, get_task, is_correct, render_prompt, wilson_interval
 from .common import add_model_args, load
 
 EMBEDDED = ("arith", "arith_ood")
@@ -49,16 +50,25 @@ def task_data(args: argparse.Namespace) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def evaluate(model, tok, name: str, path: str | None, args: argparse.Namespace, out: Path) -> dict:
+def load_task(name: str, path: str | None, args: argparse.Namespace) -> tuple[Task, list[Example]]:
     task = get_task(name)
     examples = task.load(path, limit=args.limit, split=args.split, size=args.size, seed=args.data_seed)
     if not examples:
         fail("no questions", path or name)
+    return task, examples
+
+
+def evaluate(model, tok, task: Task, examples: list[Example], path: str | None, args: argparse.Namespace,
+             out: Path) -> dict:
+    name = task.name
     prompts = [render_prompt(e, task.kind, args.prompt) for e in examples]
     ids = [tok.encode_chat(p) for p in prompts]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    n_batches = len(plan_batches([len(i) for i in ids], 1, args.batch_size))  # under torchrun, a share per rank
     outs = generate(model, ids, params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=args.batch_size,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress and distributed.is_main(),
+                    batches=distributed.shard(range(n_batches)))
+    outs = distributed.merge_filled(outs)
     preds = []
     for e, prompt, (c,) in zip(examples, prompts, outs):
         pred = extract_answer(c.text, task.kind, e.choices)
@@ -66,7 +76,8 @@ def evaluate(model, tok, name: str, path: str | None, args: argparse.Namespace, 
                       "correct": is_correct(pred, e.gold, task.kind)})
     k, n = sum(p["correct"] for p in preds), len(preds)
     pred_path = out.with_name(f"{out.stem}.{name}.predictions.jsonl")
-    write_jsonl(pred_path, preds)
+    if distributed.is_main():
+        write_jsonl(pred_path, preds)
     return {"task": name, "data": path, "split": args.split if path is None else None, "prompt": args.prompt,
             "n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
             "model": args.model, "adapter": args.adapter, "predictions": str(pred_path)}
@@ -82,11 +93,12 @@ def table(reports: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    specs = task_data(args)
+    data = [(load_task(name, path, args), path) for name, path in task_data(args)]  # all read before any output
     model, tok, _ = load(args)
     out = Path(args.out)
-    reports = [evaluate(model, tok, name, path, args, out) for name, path in specs]
+    reports = [evaluate(model, tok, task, examples, path, args, out) for (task, examples), path in data]
     report = reports[0] if len(reports) == 1 else {"results": reports}
-    write_json(out, report)
+    if distributed.is_main():
+        write_json(out, report)
     print(table(reports))
     return report

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import distributed
 from ..errors import fail
 from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..sampling import SamplingParams, generate, plan_batches
@@ -58,7 +59,12 @@ def load_questions(args: argparse.Namespace) -> tuple[list[Question], str | None
     if args.task == "raw":
         if not args.data:
             fail("--task raw needs --data with {id, prompt} JSONL records")
+        if args.limit is not None and args.limit < 1:
+            fail(f"--limit must be >= 1, got {args.limit}")
         rows = read_jsonl(args.data, required=("id", "prompt"))[: args.limit]
+        for line, r in rows:
+            if not isinstance(r["prompt"], str) or not r["prompt"].strip():
+                fail("field 'prompt' must be a non-empty string", args.data, line)
         return [Question(str(r["id"]), None, {"cot": r["prompt"], "direct": r["prompt"]}, line) for line, r in rows], None
     task = get_task(args.task)
     examples = task.load(args.data, limit=args.limit, split=args.split, size=args.size, seed=args.data_seed)
@@ -92,48 +98,73 @@ def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
     return {(r["prompt_type"], r["_q"], r["sample"]): r for _, r in rows[1:]}
 
 
+def partial_files(out: Path) -> tuple[Path, list[Path]]:
+    """(this rank's partial file, every partial file of OUT). Under torchrun each rank appends to its own
+    (OUT.partial, OUT.partial.1, ...); a resume merges them all, whatever the number of ranks was."""
+    first = out.with_name(out.name + ".partial")
+    mine = first if distributed.rank() == 0 else first.with_name(f"{first.name}.{distributed.rank()}")
+    return mine, sorted(p for p in out.parent.glob(f"{first.name}*") if p == first or p.suffix[1:].isdigit())
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
     if args.demos_out and not args.keep_correct:
         fail("--demos-out goes with --keep-correct")
+    if args.batch_size < 1:
+        fail("--batch-size must be >= 1")
+    sampling = {ptype: SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, n=args.n if ptype == "cot" else args.n_direct)
+                for ptype in PROMPT_TYPES[args.prompt]}
     questions, kind = load_questions(args)
     model, tok, _ = load(args)
     encode = (lambda text: tok.encode(text, add_bos=True)) if args.no_chat else tok.encode_chat
-    out = Path(args.out)
-    partial = out.with_name(out.name + ".partial")
-    header = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "batch_size")}
-    done = read_partial(partial, header) if args.resume and partial.exists() else {}
-    if not done:
-        write_jsonl(partial, [{"_header": header}])
     ctx = model.config.max_position_embeddings
-    records = []
-    for ptype in PROMPT_TYPES[args.prompt]:
-        n = args.n if ptype == "cot" else args.n_direct
-        prompts = [encode(q.prompts[ptype]) for q in questions]
+    encoded = {ptype: [encode(q.prompts[ptype]) for q in questions] for ptype in sampling}
+    for ptype, prompts in encoded.items():  # every check before any file is touched
         for q, ids in zip(questions, prompts):
             if len(ids) >= ctx:
                 fail(f"question {q.id}: prompt of {len(ids)} tokens leaves no room in the {ctx}-token context",
                      args.data, q.line)
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, n=n)
+    out = Path(args.out)
+    partial, partials = partial_files(out)
+    header = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "batch_size")}
+    done = {key: r for p in partials for key, r in read_partial(p, header).items()} if args.resume else {}
+    distributed.barrier()  # every rank has read the partial files before any rank rewrites one
+    if not args.resume and distributed.is_main():
+        for stale in partials:
+            stale.unlink()
+    distributed.barrier()
+    if not (args.resume and partial.exists()):
+        write_jsonl(partial, [{"_header": header}])
+    records = []
+    for ptype in PROMPT_TYPES[args.prompt]:
+        prompts, params = encoded[ptype], sampling[ptype]
+        n = params.n
         seed = args.seed + (0 if ptype == "cot" else 1_000_003)
         plan = plan_batches([len(p) for p in prompts], n, args.batch_size)
         todo = [b for b, rows in enumerate(plan) if any((ptype, i, j) not in done for i, j in rows)]
+        new: dict[tuple[str, int, int], dict] = {}
 
-        def save_batch(rows, completions, ptype=ptype):
+        def save_batch(rows, completions, ptype=ptype, new=new):
             for (i, j), c in zip(rows, completions):
                 q = questions[i]
                 rec = {"task": args.task, "id": q.id, "sample": j, "prompt_type": ptype, "prompt": q.prompts[ptype],
                        "completion": c.text, **score(q, kind, c.text), "finish_reason": c.finish_reason, "_q": i}
                 append_jsonl(partial, rec)
-                done[(ptype, i, j)] = rec
+                new[(ptype, i, j)] = rec
 
         generate(model, prompts, params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=args.batch_size,
-                 seed=seed, progress=not args.no_progress, batches=todo, on_batch=save_batch)
+                 seed=seed, progress=not args.no_progress and distributed.is_main(),
+                 batches=distributed.shard(todo), on_batch=save_batch)
+        for rows in distributed.all_gather_object(new):  # every rank's batches, into the one plan order below
+            done.update(rows)
         records += [{k: v for k, v in done[(ptype, i, j)].items() if k != "_q"}
                     for i in range(len(questions)) for j in range(n)]
+    if not distributed.is_main():
+        return records
     write_jsonl(out, records)
-    os.unlink(partial)
+    for p in partial_files(out)[1]:
+        os.unlink(p)
     summary = f"{len(records)} samples -> {out}"
     if kind is not None:
         for ptype in PROMPT_TYPES[args.prompt]:

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .. import distributed
 from ..data import encode_sft, pad_batch, read_sft
 from ..io import append_jsonl
 from ..losses import sft_loss
@@ -30,6 +31,11 @@ def sft_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[st
     return sft_loss(logits, batch["labels"].to(device)), {}, batch["n_tokens"]
 
 
+def completion_tokens(batch: dict) -> int:
+    """The denominator of `sft_loss`: the tokens it scores (labels past the shift that are not ignored)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, examples: list, pad_id: int, batch_size: int) -> float:
     """Token-weighted completion loss over held-out examples."""
@@ -37,7 +43,7 @@ def mean_loss(model: torch.nn.Module, examples: list, pad_id: int, batch_size: i
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = pad_batch(examples[i:i + batch_size], pad_id)
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = completion_tokens(batch)
         total += sft_step(model, batch)[0].item() * n
         count += n
     return total / max(count, 1)
@@ -50,21 +56,22 @@ def main(argv: list[str] | None = None) -> dict:
     examples, n_trunc = encode_sft(tok, read_sft(args.data), args.max_len, args.data)
     if n_trunc:
         print(f"warning: {n_trunc} completion(s) cut at --max-len {args.max_len} (their end-of-turn token is lost)")
-    out = start_run(args.out, vars(args), args.resume, args.allow_config_change)
+    lora = make_trainable(model, args)
+    out = start_run(args.out, vars(args), args.resume, args.allow_config_change)  # after the checks: no stray run
     n_val = int(len(examples) * args.val_fraction)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(examples), generator=g).tolist()
     val, train_set = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
-    lora = make_trainable(model, args)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"SFT: {len(train_set)} train / {len(val)} val examples, {n_params:,} trainable parameters, device {device}")
     last = run_training(train, model, train_set, lambda b: pad_batch(b, pad_id), sft_step, train_config(args),
-                        out, device, resume=args.resume, desc="sft")
+                        out, device, resume=args.resume, desc="sft", loss_weight=completion_tokens)
     if val:
         last["val_loss"] = mean_loss(model, val, pad_id, args.batch_size)
-        append_jsonl(out / METRICS, {"step": last.get("step"), "val_loss": last["val_loss"],
-                                     "val_ppl": math.exp(min(last["val_loss"], 50))})
+        if distributed.is_main():
+            append_jsonl(out / METRICS, {"step": last.get("step"), "val_loss": last["val_loss"],
+                                         "val_ppl": math.exp(min(last["val_loss"], 50))})
         print(f"val loss {last['val_loss']:.4f}")
     save_outputs(model, lora, args, out)
     return last
