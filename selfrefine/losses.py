@@ -25,19 +25,19 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
     """Log-prob of each next token and its mask: (B, T-1) each.
 
-    Position t of the logits predicts token t+1, so the shift happens here, once, for every caller.
-    `logit[label] - logsumexp(logits)` avoids keeping a full (B, T, V) log-softmax copy.
+    Position t of the logits predicts token t+1, so the shift happens here, once, for every caller. The
+    labels move (padded with `ignore_index`), not the logits: no strided (B, T-1, V) copy. The log-prob is
+    -cross_entropy(reduction="none"), one fused log-softmax-and-pick that is 0 at ignored positions;
+    `picked - logsumexp` computes the same numbers with two extra passes over the logits.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"expected logits (B, T, V) and labels (B, T), "
                          f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
-    mask = labels != ignore_index
-    safe = torch.where(mask, labels, torch.zeros_like(labels))  # any valid index; masked out below
-    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
-    return torch.where(mask, logps, torch.zeros_like(logps)), mask
+    B, T, V = logits.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    nll = F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(-1), ignore_index=ignore_index,
+                          reduction="none")
+    return -nll.view(B, T)[:, :-1], targets[:, :-1] != ignore_index
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100,

@@ -20,7 +20,7 @@ from ..lora import adapter_disabled
 from ..losses import dpo_loss, sequence_logps
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
 from ..runs import start_run
-from ..trainer import train
+from ..trainer import autocast_context, train
 from .common import (add_model_args, add_training_args, check_training_args, load, make_trainable,
                      run_training, save_outputs, train_config)
 
@@ -125,9 +125,11 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Pair
             return
     was_training = model.training
     model.eval()
+    amp, _ = autocast_context(next(model.parameters()).device)  # the same precision as the training steps
     for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
         chunk = pairs[i:i + batch_size]
-        ref = step.reference_logps(model, collate_pairs(chunk, pad_id))
+        with amp:
+            ref = step.reference_logps(model, collate_pairs(chunk, pad_id))
         for p, (c, r) in zip(chunk, ref.tolist()):
             p.ref_logps = (c, r)
     model.train(was_training)
