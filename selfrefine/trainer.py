@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0
     gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto: bfloat16 autocast on CUDA (float16 + scaler without bf16); float32: none
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
 
@@ -54,9 +55,9 @@ class Interrupted(Exception):
         self.step = step
 
 
-def autocast_context(device: torch.device) -> tuple[contextlib.AbstractContextManager, bool]:
+def autocast_context(device: torch.device, precision: str = "auto") -> tuple[contextlib.AbstractContextManager, bool]:
     """(autocast context, needs a grad scaler): bfloat16 on CUDA, float16 + scaler where bf16 is missing, float32 on CPU."""
-    if device.type != "cuda":
+    if device.type != "cuda" or precision == "float32":
         return contextlib.nullcontext(), False
     if torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16), False
@@ -160,7 +161,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     engine = distributed.wrap(model, device, cfg.fsdp)  # FSDP swaps in sharded parameters: wrap first
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, device)
-    amp, needs_scaler = autocast_context(device)
+    amp, needs_scaler = autocast_context(device, cfg.precision)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as across the rows of one batch
     start = 0

@@ -46,6 +46,8 @@ def add_training_args(p: argparse.ArgumentParser, lora_dropout: float = 0.05) ->
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
+    g.add_argument("--precision", default="auto", choices=["auto", "float32"],
+                   help="auto: bfloat16 autocast on CUDA (float16 + grad scaler without bf16), float32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--fsdp", action="store_true",
                    help="with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")

@@ -125,7 +125,7 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Pair
             return
     was_training = model.training
     model.eval()
-    amp, _ = autocast_context(next(model.parameters()).device)  # the same precision as the training steps
+    amp, _ = autocast_context(next(model.parameters()).device, step.args.precision)  # the same precision as the training steps
     for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
         chunk = pairs[i:i + batch_size]
         with amp:
