@@ -68,15 +68,20 @@ def single(model_dir: Path, demos: Path, out: Path, *extra: str) -> None:
 
     args = sft_args(model_dir, demos, out, *extra)
     args[args.index("--batch-size") + 1] = "4"
-    sft.main(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank: the same reduction order inside the kernels
+    try:
+        sft.main(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ddp_lora_matches_one_process_and_resumes_exactly(model_dir: Path, demos: Path, tmp_path: Path):
-    lora = ("--lora-dropout", "0", "--lr", "1e-3")
+    lora = ("--lora-dropout", "0", "--lr", "5e-4")
     single(model_dir, demos, tmp_path / "one", *lora)
     torchrun("train_sft.py", *sft_args(model_dir, demos, tmp_path / "ddp", *lora))
     one, ddp = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "ddp"))
-    assert max_diff(one, ddp) <= 1e-5 and max(t.abs().max() for k, t in one.items() if "lora_B" in k) > 1e-3
+    assert max_diff(one, ddp) <= 1e-5 and max(t.abs().max() for k, t in one.items() if "lora_B" in k) > 5e-4
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "ddp")  # rank 0 alone logs, the global values
     assert len(m2) == 3 and [r["tokens"] for r in m1] == [r["tokens"] for r in m2]
     for a, b in zip(m1, m2):
@@ -125,7 +130,7 @@ def test_ddp_dpo_with_adapter_off_reference_matches_one_process(model_dir: Path,
     dpo.main([*args, "--out", str(tmp_path / "one"), "--batch-size", "4"])
     torchrun("train_dpo.py", *args, "--out", str(tmp_path / "ddp"))
     one, ddp = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "ddp"))
-    assert max_diff(one, ddp) <= 1e-5 and max(t.abs().max() for k, t in one.items() if "lora_B" in k) > 1e-3
+    assert max_diff(one, ddp) <= 1e-5 and max(t.abs().max() for k, t in one.items() if "lora_B" in k) > 5e-4
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "ddp"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["rewards/margin"] - b["rewards/margin"]) <= 1e-6
 
