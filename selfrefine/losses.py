@@ -22,42 +22,58 @@ from torch import Tensor
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
-def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """Log-prob of each next token and its mask: (B, T-1) each.
+def scored_positions(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """(B, T) bool: the positions whose logits predict a completion token (position t predicts t+1).
 
-    Position t of the logits predicts token t+1, so the shift happens here, once, for every caller. The
-    labels move (padded with `ignore_index`), not the logits: no strided (B, T-1, V) copy. The log-prob is
-    -cross_entropy(reduction="none"), one fused log-softmax-and-pick that is 0 at ignored positions;
-    `picked - logsumexp` computes the same numbers with two extra passes over the logits.
+    The model can project only these (`model(ids, logits_at=...)`): the prompt's and the padding's logits
+    are never needed, and the LM head is a large share of a small model's compute.
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, T, V) and labels (B, T), "
-                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    B, T, V = logits.shape
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    nll = F.cross_entropy(logits.float().reshape(B * T, V), targets.reshape(-1), ignore_index=ignore_index,
-                          reduction="none")
-    return -nll.view(B, T)[:, :-1], targets[:, :-1] != ignore_index
+    if labels.dim() != 2:
+        raise ValueError(f"expected labels (B, T), got {tuple(labels.shape)}")
+    return F.pad(labels[:, 1:] != ignore_index, (0, 1), value=False)
+
+
+def packed_sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                          average: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-sequence sum (or mean) of completion-token log-probs and the token counts, (B,) each, from
+    `logits` (N, V) at `scored_positions(labels)` in row-major order. A sequence with no completion
+    tokens gets 0 (its mean divides by max(count, 1)).
+    """
+    positions = scored_positions(labels, ignore_index)
+    if logits.dim() != 2 or logits.shape[0] != int(positions.sum()):
+        raise ValueError(f"expected logits (N, V) at the {int(positions.sum())} scored positions, "
+                         f"got {tuple(logits.shape)}")
+    targets = labels[:, 1:][positions[:, :-1]]
+    # -cross_entropy is the fused log-softmax-and-pick: one pass over the logits, in float32.
+    token = -F.cross_entropy(logits.float(), targets, reduction="none")
+    counts = positions.sum(-1)
+    total = torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device)
+    total = total.index_add(0, positions.nonzero()[:, 0], token)
+    return (total / counts.clamp(min=1) if average else total), counts
+
+
+def packed_sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy over all completion tokens of the batch (token-weighted, like
+    `F.cross_entropy(ignore_index=...)`), so long answers weigh by their length; 0 if there are none."""
+    total, counts = packed_sequence_logps(logits, labels, ignore_index)
+    return -total.sum() / counts.sum().clamp(min=1)
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100,
                    average: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-sequence sum (or mean) of completion-token log-probs, and the token counts: (B,), (B,).
-
-    Prompt and padding positions carry `ignore_index` in `labels` and contribute nothing; a sequence
-    with no completion tokens gets 0 (its mean divides by max(count, 1)).
-    """
-    logps, mask = token_logps(logits, labels, ignore_index)
-    counts = mask.sum(-1)
-    total = logps.sum(-1)
-    return (total / counts.clamp(min=1) if average else total), counts
+    """`packed_sequence_logps` from full (B, T, V) logits."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T), "
+                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return packed_sequence_logps(logits[scored_positions(labels, ignore_index)], labels, ignore_index, average)
 
 
 def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy over all completion tokens of the batch (token-weighted, like
-    `F.cross_entropy(ignore_index=...)`), so long answers weigh by their length. 0 if there are none."""
-    logps, mask = token_logps(logits, labels, ignore_index)
-    return -logps.sum() / mask.sum().clamp(min=1)
+    """`packed_sft_loss` from full (B, T, V) logits."""
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T), "
+                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return packed_sft_loss(logits[scored_positions(labels, ignore_index)], labels, ignore_index)
 
 
 def dpo_loss(

@@ -188,5 +188,8 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, positions, key_mask, cache))
+                key_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """`logits_at` (B, T) bool: project only those positions, returning (N, vocab) logits."""
+        hidden = self.hidden_states(input_ids, positions, key_mask, cache)
+        return self.lm_head(hidden if logits_at is None else hidden[logits_at])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfrefine.losses import dpo_loss, sequence_logps, sft_loss, token_logps
+from selfrefine.losses import dpo_loss, sequence_logps, sft_loss
 
 
 def _logps(*values: float) -> torch.Tensor:
@@ -162,7 +162,7 @@ def test_sft_loss_matches_cross_entropy():
     assert sft_loss(logits, empty).item() == 0.0
 
 
-def test_token_logps_shape_check():
+def test_sequence_logps_shape_check():
     logits, labels = _batch()
     with pytest.raises(ValueError, match="expected logits"):
-        token_logps(logits, labels[:, :-1])
+        sequence_logps(logits, labels[:, :-1])

@@ -17,7 +17,7 @@ from ..data import PairExample, collate_pairs, encode_example, as_messages
 from ..errors import fail
 from ..io import read_jsonl, write_jsonl
 from ..lora import adapter_disabled
-from ..losses import dpo_loss, sequence_logps
+from ..losses import dpo_loss, packed_sequence_logps, scored_positions
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
 from ..runs import start_run
 from ..trainer import autocast_context, train
@@ -57,8 +57,9 @@ class DPOStep:
 
     def logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(model.parameters()).device
-        logits = model(batch["input_ids"].to(device))
-        return sequence_logps(logits, batch["labels"].to(device), average=self.args.average_logps)
+        labels = batch["labels"].to(device)
+        logits = model(batch["input_ids"].to(device), logits_at=scored_positions(labels))
+        return packed_sequence_logps(logits, labels, average=self.args.average_logps)
 
     @torch.no_grad()
     def reference_logps(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

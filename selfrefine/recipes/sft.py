@@ -10,7 +10,7 @@ import torch
 from .. import distributed
 from ..data import encode_sft, pad_batch, read_sft
 from ..io import append_jsonl
-from ..losses import sft_loss
+from ..losses import packed_sft_loss, scored_positions
 from ..runs import start_run
 from ..trainer import METRICS, train
 from .common import (add_model_args, add_training_args, check_training_args, load, make_trainable,
@@ -27,8 +27,9 @@ def parser() -> argparse.ArgumentParser:
 
 def sft_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
     device = next(model.parameters()).device
-    logits = model(batch["input_ids"].to(device))
-    return sft_loss(logits, batch["labels"].to(device)), {}, batch["n_tokens"]
+    labels = batch["labels"].to(device)
+    logits = model(batch["input_ids"].to(device), logits_at=scored_positions(labels))
+    return packed_sft_loss(logits, labels), {}, batch["n_tokens"]
 
 
 def completion_tokens(batch: dict) -> int:

@@ -123,3 +123,20 @@ def test_refuses_folder_of_another_run(tiny_dir: Path, demos: Path, tmp_path: Pa
     with pytest.raises(UserError, match="holds another run"):
         sft.main(["--model", str(tiny_dir), "--data", str(demos), "--out", str(out), "--max-steps", "2"])
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_logits_only_at_scored_positions_equal_full_logits(tiny_dir: Path):
+    """The training steps project only the positions that predict completion tokens."""
+    from selfrefine.checkpoint import load_model
+    from selfrefine.losses import scored_positions, sft_loss, packed_sft_loss
+
+    model = load_model(tiny_dir)
+    ids = torch.randint(3, 200, (2, 12))
+    labels = ids.clone()
+    labels[0, :5], labels[1, :8], labels[1, 11:] = IGNORE, IGNORE, IGNORE
+    positions = scored_positions(labels)
+    assert positions.sum() == 7 + 3  # labels at 5..11 and 8..10, each predicted from the position before
+    full = model(ids)
+    packed = model(ids, logits_at=positions)
+    assert torch.allclose(packed, full[positions], atol=1e-6)
+    assert torch.allclose(packed_sft_loss(packed, labels), sft_loss(full, labels), atol=1e-6)
