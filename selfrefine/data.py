@@ -14,6 +14,7 @@ import torch
 
 from .errors import UserError, fail
 from .io import read_jsonl
+from .tokenizer import as_messages as tokenizer_messages
 
 IGNORE = -100
 Messages = list[dict[str, str]]
@@ -33,11 +34,13 @@ class PairExample:
 
 
 def as_messages(prompt: object, path: os.PathLike | str, line: int, field: str) -> Messages:
-    if isinstance(prompt, str) and prompt.strip():
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-        return prompt
-    fail(f"field {field!r} must be a non-empty string or a list of {{role, content}} messages", path, line)
+    """The tokenizer's conversation check, plus a non-empty prompt, reported at the record's file and line."""
+    if isinstance(prompt, str) and not prompt.strip():
+        fail(f"field {field!r} must be a non-empty string or a list of {{role, content}} messages", path, line)
+    try:
+        return tokenizer_messages(prompt)
+    except UserError as e:
+        fail(f"field {field!r}: {e.message}", path, line)
 
 
 def read_sft(path: str | os.PathLike) -> list[tuple[int, Messages, str]]:
