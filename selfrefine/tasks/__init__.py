@@ -50,7 +50,7 @@ class Task:
 
 # Imported here, after the types they build on.
 from . import arith, loaders  # noqa: E402
-from .extract import extract_answer, is_correct  # noqa: E402
+from .extract import Graded, extract_answer, grade, is_correct  # noqa: E402
 from .prompts import demonstration, render_prompt  # noqa: E402
 from .stats import wilson_interval  # noqa: E402
 
@@ -80,5 +80,5 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["Example", "Task", "TASK_NAMES", "get_task", "render_prompt", "extract_answer", "is_correct",
+__all__ = ["Example", "Task", "TASK_NAMES", "get_task", "render_prompt", "extract_answer", "grade", "Graded", "is_correct",
            "demonstration", "wilson_interval"]

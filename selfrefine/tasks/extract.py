@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 
@@ -146,3 +147,21 @@ def is_correct(pred: str | None, gold: str, kind: str) -> bool:
     if kind == "choice":
         return pred.strip().upper() == gold.strip().upper()
     raise ValueError(f"unknown task kind {kind!r} (expected 'math' or 'choice')")
+
+
+@dataclass(frozen=True)
+class Graded:
+    """One completion scored: what it answered, whether it stated an answer at all, and whether it counts."""
+
+    pred: str | None
+    answer_found: bool
+    correct: bool
+
+
+def grade(text: str, finish_reason: str, gold: str, kind: str, choices: tuple[str, ...] | None = None) -> Graded:
+    """An answer counts only when the model stated it and finished: a completion cut at the token limit
+    ("length") is wrong even where its text holds the right answer (its `pred` is still reported)."""
+    if finish_reason not in ("stop", "length"):
+        raise ValueError(f"finish_reason must be 'stop' or 'length', got {finish_reason!r}")
+    pred = extract_answer(text, kind, choices)
+    return Graded(pred, pred is not None, finish_reason == "stop" and is_correct(pred, gold, kind))

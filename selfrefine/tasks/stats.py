@@ -4,6 +4,8 @@ where the normal (Wald) interval collapses to a width of zero. Accuracies on a f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -17,3 +19,22 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     low = 0.0 if k == 0 else max(0.0, center - half)
     high = 1.0 if k == n else min(1.0, center + half)
     return low, high
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models graded on the same questions: B against A (diff = accuracy(B) - accuracy(A))."""
+
+    n: int
+    correct_a: int
+    correct_b: int
+    only_a: int  # questions A got right and B wrong
+    only_b: int  # questions B got right and A wrong
+    diff: float
+    ci95: tuple[float, float]
+    p: float  # exact McNemar (two-sided binomial test on the discordant questions)
+
+
+def paired_comparison(a: Sequence[bool], b: Sequence[bool], z: float = 1.96) -> PairedComparison:
+    """STUB: to be implemented (exact McNemar p; interval for the paired difference)."""
+    raise NotImplementedError
