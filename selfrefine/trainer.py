@@ -151,9 +151,12 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     """Run optimizer steps up to the configured total; returns the last logged metrics.
 
     `loss_weight(batch)` is the denominator of the batch's mean loss (completion tokens for a token-mean
-    loss; None: the number of examples, right for a per-example mean). Under torchrun each rank's loss is
-    weighted by its share of the global micro-batch's denominator, so that DDP's gradient average equals
-    the gradient of the one-process loss over the whole micro-batch.
+    loss; None: the number of examples, right for a per-example mean). One optimizer step minimises the mean
+    over ALL its examples' scored units: each micro-batch's loss is weighted by its share of the denominator
+    summed over the step's micro-batches and all ranks (one all-reduce per step), so that batch B x accum A
+    on N processes gives the gradient of batch B * A * N in one go, whatever the micro-batches' lengths
+    (DDP averages gradients over ranks, hence the factor `world`). The logged loss and metrics are the same
+    weighted means over the step.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,8 +186,9 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums: dict[str, float] = {}
-            n_tokens = 0
+            # Collate the step's micro-batches first: every micro-batch's loss is weighted by the denominator of
+            # the whole step (all micro-batches, all ranks), known only once they are all in hand.
+            micro = []
             for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
                 global_batch = order.micro_batch(k)
                 mine = global_batch[rank::world]
@@ -192,20 +196,28 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
                 # meet the other ranks in the gradient all-reduce.
                 batch = collate([examples[i] for i in mine or global_batch[:1]])
                 weight = 0.0 if not mine else len(mine) if loss_weight is None else float(loss_weight(batch))
-                with distributed.no_sync(engine, skip=k + 1 < (step + 1) * cfg.grad_accum):
+                micro.append((bool(mine), batch, weight))
+            (total_weight,) = distributed.all_reduce_sum([sum(w for _, _, w in micro)])
+            sums: dict[str, float] = {}
+            n_tokens, bad = 0, False
+            for j, (has_examples, batch, weight) in enumerate(micro):
+                with distributed.no_sync(engine, skip=j + 1 < len(micro)):
                     with amp:
                         loss, metrics, tokens = step_fn(engine, batch)
-                    total_weight, bad = distributed.all_reduce_sum([weight, float(not torch.isfinite(loss))])
-                    if bad:
-                        raise TrainingDiverged(out_dir, step, "loss")
-                    share = world * weight / total_weight if total_weight else 0.0  # 1 in a single process
-                    scaled = loss * share / cfg.grad_accum
+                    bad = bad or not bool(torch.isfinite(loss))  # checked with the step's last all-reduce
+                    # This micro-batch's share of the step's denominator: 1 with one process and no accumulation,
+                    # 0 on a rank without examples. Times `world` because DDP divides the gradient sum by it.
+                    share = weight / total_weight if total_weight else 0.0
+                    scaled = loss * (share * world)
                     (scaler.scale(scaled) if scaler else scaled).backward()
-                n_tokens += tokens if mine else 0
+                n_tokens += tokens if has_examples else 0
                 for name, v in {"loss": loss.item(), **metrics}.items():
-                    sums[name] = sums.get(name, 0.0) + v * share / world / cfg.grad_accum
+                    sums[name] = sums.get(name, 0.0) + v * share
             names = list(sums)
-            *values, n_tokens, stopping = distributed.all_reduce_sum([sums[n] for n in names] + [n_tokens, stop.set])
+            *values, n_tokens, stopping, bad = distributed.all_reduce_sum(
+                [sums[n] for n in names] + [n_tokens, stop.set, bad])
+            if bad:  # some rank met a non-finite loss: its gradients are NaN, the optimizer has not run yet
+                raise TrainingDiverged(out_dir, step, "loss")
             sums, n_tokens = dict(zip(names, values)), int(n_tokens)
             if scaler:
                 scaler.unscale_(optimizer)

@@ -135,6 +135,24 @@ def test_ddp_dpo_with_adapter_off_reference_matches_one_process(model_dir: Path,
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["rewards/margin"] - b["rewards/margin"]) <= 1e-6
 
 
+def test_ddp_step_is_one_token_mean_over_ranks_and_micro_batches(tmp_path: Path):
+    """2 processes x batch 2 and 2 processes x batch 1 x accum 2 give the update of one process with batch 4
+    (float64, answers of 2 to 65 tokens, LoRA and full): the step's loss is weighted by the completion tokens of
+    the whole step on every rank, not by each rank's or micro-batch's own mean."""
+    from tests.test_trainer import one_step_update, update_diff
+
+    torchrun(__file__, "accum", str(tmp_path / "ddp.pt"))
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for full in (False, True):
+        ref, ref_last = one_step_update(full, 4, 1, tmp_path / f"one-{full}")
+        for bs, acc in ((2, 1), (1, 2)):
+            upd, last = ddp[f"{full}-{bs}x{acc}"]
+            assert update_diff(ref, upd) <= 1e-10, (full, bs, acc)
+            assert abs(last["loss"] - ref_last["loss"]) <= 1e-12 * ref_last["loss"]
+            assert abs(last["grad_norm"] - ref_last["grad_norm"]) <= 1e-10 * ref_last["grad_norm"]
+            assert last["tokens"] == ref_last["tokens"]
+
+
 SAMPLE = ["--task", "arith", "--size", "5", "--prompt", "both", "--n", "2", "--temperature", "1.0",
           "--batch-size", "2", "--max-new-tokens", "6", "--seed", "7", "--no-progress"]
 EVAL = ["--task", "arith", "--task", "arith_ood", "--size", "5", "--batch-size", "2", "--max-new-tokens", "6",
@@ -197,6 +215,19 @@ def _worker(mode: str, argv: list[str]) -> None:
 
         sft.sft_step = stepping
         cli_main(lambda: sft.main(argv[1:]))
+    elif mode == "accum":  # one optimizer step of tests.test_trainer's float64 problem, on 2 ranks
+        from tests.test_trainer import one_step_update
+
+        distributed.init(torch.device("cpu"))
+        out = Path(argv[0])
+        results = {}
+        for full in (False, True):
+            for bs, acc in ((2, 1), (1, 2)):
+                upd, last = one_step_update(full, bs, acc, out.parent / f"ddp-{full}-{bs}x{acc}")
+                results[f"{full}-{bs}x{acc}"] = (upd, {k: last[k] for k in ("loss", "grad_norm", "tokens")})
+        if distributed.is_main():
+            torch.save(results, out)
+        distributed.barrier()
     elif mode == "sample-eval":
         model, samples_out, eval_out = argv
         cli_main(lambda: sample.main(["--model", model, *SAMPLE, "--out", samples_out]))

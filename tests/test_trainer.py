@@ -117,3 +117,117 @@ def test_damaged_checkpoint_is_a_user_error(tmp_path: Path):
     model, *_ = toy_problem()
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()), None)
+
+
+# ---- gradient accumulation: one optimizer step is one mean over all its examples ---------------------------
+
+ANSWER_LENGTHS = (2, 65, 11, 30)  # very different: a per-micro-batch mean would weigh 2 tokens like 65
+PROMPT_LENGTHS = (5, 9, 3, 12)
+
+
+def tiny_lm_problem(full: bool):
+    """A float64 tiny Llama (`tests.helpers.tiny_config`) with LoRA (B non-zero, so A gets gradient too) or
+    fully trainable, and 4 SFT examples whose answers are 2 to 65 tokens long."""
+    from selfrefine.data import IGNORE, SFTExample
+    from selfrefine.lora import LoRAConfig, inject_lora
+    from selfrefine.model import Transformer
+    from tests.helpers import tiny_config
+
+    gen = torch.Generator().manual_seed(0)
+    model = Transformer(tiny_config(num_layers=1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn(p.shape, generator=gen) * 0.02)
+    if full:
+        model.requires_grad_(True)
+    else:
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():  # not the global RNG's Kaiming init: every call must build the same adapter
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.double()
+    vocab = model.config.vocab_size
+    examples = []
+    for n_prompt, n_answer in zip(PROMPT_LENGTHS, ANSWER_LENGTHS):
+        ids = torch.randint(3, vocab, (n_prompt + n_answer,), generator=gen).tolist()
+        examples.append(SFTExample(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+    return model, examples
+
+
+def sft_step_float64(model, batch):
+    """`recipes.sft.sft_step` with the cross-entropy in float64 (`losses` computes it in float32, whose rounding
+    would hide a 1e-10 comparison): the mean over the batch's completion tokens."""
+    import torch.nn.functional as F
+
+    from selfrefine.losses import scored_positions
+
+    labels = batch["labels"]
+    logits = model(batch["input_ids"], logits_at=scored_positions(labels))
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    return F.cross_entropy(logits, targets, reduction="sum") / max(len(targets), 1), {}, batch["n_tokens"]
+
+
+def one_step_update(full: bool, batch_size: int, grad_accum: int, out_dir: Path) -> tuple[dict, dict]:
+    """(parameter update of one optimizer step over all 4 examples, its logged metrics)."""
+    from selfrefine.data import pad_batch
+    from selfrefine.recipes.sft import completion_tokens
+
+    model, examples = tiny_lm_problem(full)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=batch_size, grad_accum=grad_accum, warmup=0, seed=1)
+    last = train(model, examples, lambda b: pad_batch(b, 2), sft_step_float64, cfg, out_dir, torch.device("cpu"),
+                 loss_weight=completion_tokens)
+    after = dict(model.named_parameters())
+    return {n: (after[n].detach() - b) for n, b in before.items()}, last
+
+
+def update_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_accumulation_equals_one_big_batch_token_weighted(tmp_path: Path, full: bool):
+    """batch 4 x accum 1 == batch 1 x accum 4 == batch 2 x accum 2: the step's loss is the mean over all its
+    completion tokens, not the mean of per-micro-batch means (2-token and 65-token answers weigh 2:65)."""
+    ref, ref_last = one_step_update(full, 4, 1, tmp_path / "4x1")
+    assert max(t.abs().max().item() for t in ref.values()) > 1e-3  # a real step
+    for bs, acc in ((1, 4), (2, 2)):
+        upd, last = one_step_update(full, bs, acc, tmp_path / f"{bs}x{acc}")
+        assert update_diff(ref, upd) <= 1e-10, (bs, acc)
+        assert last["loss"] == pytest.approx(ref_last["loss"], rel=1e-12, abs=0)
+        assert last["grad_norm"] == pytest.approx(ref_last["grad_norm"], rel=1e-10, abs=0)
+        assert last["tokens"] == ref_last["tokens"]
+
+
+def test_accumulation_with_uneven_micro_batches_weighs_examples():
+    """loss_weight None (a per-example mean, as DPO's per-pair loss): 5 examples as micro-batches of 2, 2 and 1
+    give the step of one batch of 5 (the lone example weighs 1/5, not 1/3), loss and metrics included."""
+    def run(batch_size: int, grad_accum: int, out: Path):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1).double()
+        data = [(torch.randn(4, dtype=torch.float64), torch.randn(1, dtype=torch.float64) * (i + 1))
+                for i in range(5)]
+        collate = lambda b: (torch.stack([x for x, _ in b]), torch.stack([y for _, y in b]))
+
+        def step(m, batch):
+            x, y = batch
+            err = (m(x) - y) ** 2
+            return err.mean(), {"abs_y": y.abs().mean().item()}, x.shape[0]
+
+        before = [p.detach().clone() for p in model.parameters()]
+        cfg = TrainConfig(lr=0.1, max_steps=1, batch_size=batch_size, grad_accum=grad_accum, warmup=0,
+                          max_grad_norm=1e9)
+        last = train(model, data, collate, step, cfg, out, torch.device("cpu"))
+        return [p.detach() - b for p, b in zip(model.parameters(), before)], last
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        ref, ref_last = run(5, 1, Path(d) / "a")
+        for bs, acc in ((2, 3), (1, 5)):
+            upd, last = run(bs, acc, Path(d) / f"{bs}x{acc}")
+            assert max((a - b).abs().max().item() for a, b in zip(ref, upd)) <= 1e-12
+            for key in ("loss", "abs_y", "grad_norm"):
+                assert last[key] == pytest.approx(ref_last[key], rel=1e-12), key
