@@ -190,6 +190,15 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """`logits_at` (B, T) bool: project only those positions, returning (N, vocab) logits."""
+        """`logits_at` (B, T) bool: project only those positions, returning (N, vocab) logits (`scored_logits`:
+        in the head's own dtype, float32 in training, even under autocast)."""
         hidden = self.hidden_states(input_ids, positions, key_mask, cache)
-        return self.lm_head(hidden if logits_at is None else hidden[logits_at])
+        return self.lm_head(hidden) if logits_at is None else self.scored_logits(hidden[logits_at])
+
+    def scored_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on (N, hidden) states whose logits feed a log-softmax (the training losses), with autocast
+        switched off and the states cast to the head weight's dtype: the float32 master weights give float32
+        logits, where autocast would round them to bfloat16 (steps of 1/16 at |logit| 8: a log-prob error of
+        that size on every token) before the log-softmax."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.lm_head(hidden.to(self.lm_head.weight.dtype))
