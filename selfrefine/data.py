@@ -85,6 +85,46 @@ def encode_sft(tok, rows: list[tuple[int, Messages, str]], max_len: int, path) -
     return out, n_trunc
 
 
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int],
+             max_len: int) -> tuple[list[int], list[int], list[int], bool, bool]:
+    """Cut a preference pair so that each side (prompt + answer) fits in `max_len` tokens:
+    (prompt, chosen, rejected, prompt was cut, an answer was cut).
+
+    The prompt goes first, from its START (its last tokens, the question and the assistant header, stay), but
+    never below min(len(prompt), max_len // 2) tokens; what still does not fit is cut from the answers' ENDS.
+    Both sides keep the same prompt tokens, so the pair stays a contrast between two answers to one prompt.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_len:
+        return prompt, chosen, rejected, False, False
+    keep = min(len(prompt), max(max_len - longest, max_len // 2))
+    room = max_len - keep
+    return prompt[len(prompt) - keep:], chosen[:room], rejected[:room], keep < len(prompt), longest > room
+
+
+def encode_pair(tok, prompt: Messages, rec: dict, max_len: int, path, line: int | None) -> tuple[PairExample, bool, bool]:
+    """A pair record as (PairExample, prompt was cut, an answer was cut), fitted by `fit_pair`.
+
+    A side marked `"chosen_truncated"` / `"rejected_truncated"` (a sample that hit the token limit) is encoded
+    without the end-of-turn token: the model never ended that answer, and training it to would be a lie.
+    """
+    try:
+        p, c = tok.encode_prompt_completion(prompt, rec["chosen"])
+        p_r, r = tok.encode_prompt_completion(prompt, rec["rejected"])
+    except UserError as e:  # the tokenizer knows what is wrong, not where: name the record
+        fail(e.message, path, line)
+    assert p == p_r, "the prompt encodes the same for both answers"
+    if rec.get("chosen_truncated") is True:
+        c = c[:-1]
+    if rec.get("rejected_truncated") is True:
+        r = r[:-1]
+    p, c, r, prompt_cut, answer_cut = fit_pair(p, c, r, max_len)
+    side = lambda a: SFTExample(p + a, [IGNORE] * len(p) + a)
+    return PairExample(side(c), side(r)), prompt_cut, answer_cut
+
+
 def pad_batch(examples: list[SFTExample], pad_id: int) -> dict:
     """Right-pad to the longest row: causal attention never lets a real token see the padding after it."""
     width = max(len(e.input_ids) for e in examples)

@@ -21,6 +21,11 @@ one; within that, pairs reusing a completion already paired for this question co
 a seeded random choice (the seed is mixed with the question id, so a question's pairs do not depend on
 which other questions are in the file).
 
+A sample that stopped at the token limit (`finish_reason` "length") is unfinished: it is never chosen (its
+grade is wrong anyway), and as a rejected answer it is dropped by default, since "the student ran out of tokens"
+is not the contrast the method teaches. With `keep_truncated` it may be rejected, and the pair says so
+(`rejected_truncated`), so that it is encoded without the end-of-turn token the student never produced.
+
 Texts are compared after normalising whitespace and case: duplicate completions of one source are kept
 once, a pair whose chosen and rejected are the same text is dropped, and so is a pair equal to one
 already kept (the same text can be both a wrong CoT answer and a direct answer).
@@ -41,7 +46,8 @@ _SOURCES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # strategy -> 
     "correct-vs-wrong": (("student_cot",), ("wrong_cot",)),
     "cot-vs-direct": (("student_cot", "teacher"), ("direct",)),
 }
-SAMPLE_FIELDS = ("task", "id", "sample", "prompt_type", "prompt", "completion", "pred", "gold", "correct")
+SAMPLE_FIELDS = ("task", "id", "sample", "prompt_type", "prompt", "completion", "finish_reason", "pred", "gold",
+                 "correct")
 DEMO_FIELDS = ("id", "prompt", "completion")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -65,18 +71,28 @@ def _new_stats(strategy: str, pairs_per_question: int, seed: int) -> dict:
         "questions": 0, "questions_with_pairs": 0, "pairs": 0,
         "chosen_source": {"student_cot": 0, "teacher": 0},
         "rejected_source": {"wrong_cot": 0, "direct": 0},
+        "truncated_samples": 0, "rejected_truncated": 0,
         "skipped_questions": {"no_chosen": 0, "no_rejected": 0, "only_identical": 0},
-        "dropped": {"empty_completions": 0, "duplicate_completions": 0, "identical_pairs": 0, "duplicate_pairs": 0},
+        "dropped": {"truncated": 0, "empty_completions": 0, "duplicate_completions": 0, "identical_pairs": 0,
+                    "duplicate_pairs": 0},
     }
 
 
-def _pools(recs: list[dict], demo: dict | None, dropped: Counter) -> dict[str, list[str]]:
-    """Completions of one question by source, empty ones and normalised duplicates removed."""
+def _pools(recs: list[dict], demo: dict | None, keep_truncated: bool, dropped: Counter,
+           cut: set[str]) -> dict[str, list[str]]:
+    """Completions of one question by source, empty ones and normalised duplicates removed; truncated ones
+    dropped, or (keep_truncated) kept as rejected-only with their keys added to `cut`."""
     pools: dict[str, list[str]] = {"student_cot": [], "wrong_cot": [], "direct": [], "teacher": []}
     seen: dict[str, set[str]] = {s: set() for s in pools}
-    tagged = [(_source(r), r["completion"]) for r in recs] + ([("teacher", demo["completion"])] if demo else [])
-    for source, text in tagged:
+    tagged = [(_source(r), r["completion"], r["finish_reason"] == "length") for r in recs]
+    tagged += [("teacher", demo["completion"], False)] if demo else []
+    for source, text, truncated in tagged:
         key = normalize_text(text)
+        if truncated:
+            if not keep_truncated:
+                dropped["truncated"] += 1
+                continue
+            source = "wrong_cot" if source == "student_cot" else source  # never chosen
         if not key:
             dropped["empty_completions"] += 1
         elif key in seen[source]:
@@ -84,6 +100,8 @@ def _pools(recs: list[dict], demo: dict | None, dropped: Counter) -> dict[str, l
         else:
             seen[source].add(key)
             pools[source].append(text)
+            if truncated:
+                cut.add(key)
     return pools
 
 
@@ -122,7 +140,7 @@ def _choose(candidates: list[tuple[int, str, str, str, str]], k: int, rng: rando
 
 
 def build_pairs(samples: list[dict], demos: list[dict], strategy: str = "paper", pairs_per_question: int = 1,
-                seed: int = 0) -> tuple[list[dict], dict]:
+                seed: int = 0, keep_truncated: bool = False) -> tuple[list[dict], dict]:
     """Pair records {id, prompt, chosen, rejected, chosen_source, rejected_source} and counts of what was
     used and skipped (see the module docstring for the strategies). Questions are those in `samples`, in
     first-seen order; a demonstration whose question has no samples is not used."""
@@ -148,7 +166,9 @@ def build_pairs(samples: list[dict], demos: list[dict], strategy: str = "paper",
         if demo and cot_prompts and demo["prompt"].strip() != cot_prompts[0].strip():
             fail(f"question {qid!r}: the demonstration's prompt differs from the CoT prompt of its samples")
         prompt = cot_prompts[0] if cot_prompts else demo["prompt"] if demo else None
-        pools = _pools(recs, demo, dropped)
+        stats["truncated_samples"] += sum(r["finish_reason"] == "length" for r in recs)
+        cut: set[str] = set()
+        pools = _pools(recs, demo, keep_truncated, dropped, cut)
         chosen_src = next((s for s in chosen_sources if pools[s]), None)
         if chosen_src is None:
             stats["skipped_questions"]["no_chosen"] += 1
@@ -163,8 +183,12 @@ def build_pairs(samples: list[dict], demos: list[dict], strategy: str = "paper",
         stats["questions_with_pairs"] += 1
         rng = random.Random(f"{seed}\0{qid}")
         for _, c_src, chosen, r_src, rejected in _choose(candidates, pairs_per_question, rng):
-            pairs.append({"id": qid, "prompt": prompt, "chosen": chosen, "rejected": rejected,
-                          "chosen_source": c_src, "rejected_source": r_src})
+            pair = {"id": qid, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                    "chosen_source": c_src, "rejected_source": r_src}
+            if normalize_text(rejected) in cut:
+                pair["rejected_truncated"] = True
+                stats["rejected_truncated"] += 1
+            pairs.append(pair)
             stats["chosen_source"][c_src] += 1
             stats["rejected_source"][r_src] += 1
     stats["pairs"] = len(pairs)
@@ -182,6 +206,8 @@ def format_stats(stats: dict) -> str:
         f"(strategy {stats['strategy']}, up to {stats['pairs_per_question']} per question, seed {stats['seed']})",
         f"chosen: {counts(stats['chosen_source'])}",
         f"rejected: {counts(stats['rejected_source'])}",
+        f"samples cut at the token limit: {stats['truncated_samples']} "
+        f"({stats['rejected_truncated']} kept as rejected, {stats['dropped']['truncated']} dropped)",
         f"questions skipped: {counts(stats['skipped_questions'])}",
         f"dropped: {counts(stats['dropped'])}",
     ])
@@ -209,6 +235,8 @@ def load_samples(path: str | os.PathLike, task: str | None = None) -> list[dict]
         _check_fields(rec, ("prompt", "completion"), path, lineno)
         if rec["prompt_type"] not in ("cot", "direct"):
             fail(f"prompt_type must be 'cot' or 'direct', got {rec['prompt_type']!r}", path, lineno)
+        if rec["finish_reason"] not in ("stop", "length"):
+            fail(f"finish_reason must be 'stop' or 'length', got {rec['finish_reason']!r}", path, lineno)
         if rec["correct"] is None:
             fail("sample is not graded (no gold answer, e.g. --task raw); pairs need graded samples", path, lineno)
         if not isinstance(rec["correct"], bool):

@@ -13,11 +13,11 @@ from selfrefine.preference import (STRATEGIES, build_pairs, format_stats, load_d
 COT, DIRECT = "Q{}: think step by step.", "Q{}: answer only."
 
 
-def s(qid: str, kind: str, completion: str, correct: bool, n: int = 0) -> dict:
+def s(qid: str, kind: str, completion: str, correct: bool, n: int = 0, finish_reason: str = "stop") -> dict:
     """One sample record; kind is 'cot' or 'direct'."""
     prompt = (COT if kind == "cot" else DIRECT).format(qid)
     return {"task": "gsm8k", "id": qid, "sample": n, "prompt_type": kind, "prompt": prompt,
-            "completion": completion, "pred": "x", "gold": "x", "correct": correct}
+            "completion": completion, "finish_reason": finish_reason, "pred": "x", "gold": "x", "correct": correct}
 
 
 def demo(qid: str, completion: str = "teacher reasoning. The answer is 4.") -> dict:
@@ -98,7 +98,7 @@ def test_dedupe_and_identical():
     ]
     pairs, stats = build_pairs(samples, [], pairs_per_question=10)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("The answer is 4.", "The answer is 5.")]
-    assert stats["dropped"] == {"empty_completions": 1, "duplicate_completions": 2, "identical_pairs": 1,
+    assert stats["dropped"] == {"truncated": 0, "empty_completions": 1, "duplicate_completions": 2, "identical_pairs": 1,
                                 "duplicate_pairs": 1}
 
 
@@ -232,3 +232,35 @@ def test_load_pairs_skips_degenerate_pairs(tmp_path, records):
 
 def test_normalize_text():
     assert normalize_text("  The\tAnswer\n is 4. ") == "the answer is 4."
+
+
+def truncated_question() -> list[dict]:
+    """A question whose only 'correct' CoT sample and one wrong one ran out of tokens (an old grader marked the
+    first correct from an intermediate number), beside a finished wrong CoT and a direct answer."""
+    return [s("q", "cot", "2+2=4, then 4+", True, 0, "length"), s("q", "cot", "Let me list: 1, 2, 3,", False, 1, "length"),
+            s("q", "cot", "2+2=5. The answer is 5.", False, 2), s("q", "direct", "9", False)]
+
+
+def test_truncated_samples_are_never_chosen_and_dropped_as_rejected():
+    pairs, stats = build_pairs(truncated_question(), [demo("q")], pairs_per_question=4)
+    assert {p["chosen_source"] for p in pairs} == {"teacher"}  # the cut "correct" sample is not a chosen answer
+    assert sorted(p["rejected"] for p in pairs) == ["2+2=5. The answer is 5.", "9"]
+    assert not any("rejected_truncated" in p for p in pairs)
+    assert stats["truncated_samples"] == 2 and stats["dropped"]["truncated"] == 2 and stats["rejected_truncated"] == 0
+    assert "samples cut at the token limit: 2 (0 kept as rejected, 2 dropped)" in format_stats(stats)
+
+
+def test_keep_truncated_rejects_them_and_marks_the_pair():
+    pairs, stats = build_pairs(truncated_question(), [demo("q")], pairs_per_question=4, keep_truncated=True)
+    assert {p["chosen_source"] for p in pairs} == {"teacher"}
+    cut = sorted(p["rejected"] for p in pairs if p.get("rejected_truncated"))
+    assert cut == ["2+2=4, then 4+", "Let me list: 1, 2, 3,"]
+    assert all(p["rejected_source"] == "wrong_cot" for p in pairs if p.get("rejected_truncated"))
+    assert stats["rejected_truncated"] == 2 and stats["dropped"]["truncated"] == 0 and stats["pairs"] == 4
+
+
+def test_load_samples_needs_a_known_finish_reason(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({**s("q", "cot", "x", False), "finish_reason": "eos"}) + "\n")
+    with pytest.raises(UserError, match=r"s.jsonl:1: finish_reason must be 'stop' or 'length'"):
+        load_samples(path)

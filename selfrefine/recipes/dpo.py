@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..data import PairExample, collate_pairs, encode_example, as_messages
+from .. import distributed
+from ..data import PairExample, as_messages, collate_pairs, encode_pair
 from ..errors import fail
+from ..fingerprint import code_version, digest, model_digest
 from ..io import read_jsonl, write_jsonl
 from ..lora import adapter_disabled
 from ..losses import dpo_loss, packed_sequence_logps, scored_positions
@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--demos", help="teacher demonstrations {id, prompt, completion}, chosen where the student has none")
     src.add_argument("--strategy", default="paper", choices=STRATEGIES)
     src.add_argument("--pairs-per-question", type=int, default=1)
+    src.add_argument("--keep-truncated", action="store_true",
+                     help="reject samples cut at the token limit (encoded without an end-of-turn token) instead of "
+                          "dropping them; they are never chosen")
     src.add_argument("--task", help="refuse a samples file of another task")
     d = p.add_argument_group("DPO")
     d.add_argument("--beta", type=float, default=0.1)
@@ -97,26 +100,56 @@ def build_pairs_from_samples(args: argparse.Namespace) -> list[dict]:
         fail("give --pairs, or --samples (and --demos) to build them")
     samples = load_samples(args.samples, task=args.task)
     demos = load_demos(args.demos) if args.demos else []
-    pairs, stats = build_pairs(samples, demos, args.strategy, args.pairs_per_question, args.seed)
+    pairs, stats = build_pairs(samples, demos, args.strategy, args.pairs_per_question, args.seed, args.keep_truncated)
     print(format_stats(stats))
     if not pairs:
         fail("no preference pairs could be built from these samples", args.samples)
     return pairs
 
 
-def encode_pairs(tok, records: list[tuple[int | None, dict]], max_len: int, path) -> list[PairExample]:
-    out = []
+def encode_pairs(tok, records: list[tuple[int | None, dict]], max_len: int,
+                 path) -> tuple[list[PairExample], dict[str, int]]:
+    """Encoded pairs, fitted into `max_len` (`data.fit_pair`), and how many had their prompt or an answer cut."""
+    out, cut = [], {"prompt": 0, "answer": 0}
     for line, rec in records:
         prompt = as_messages(rec["prompt"], path, line, "prompt")
-        chosen, _ = encode_example(tok, prompt, rec["chosen"], max_len, path, line)
-        rejected, _ = encode_example(tok, prompt, rec["rejected"], max_len, path, line)
-        out.append(PairExample(chosen, rejected))
-    return out
+        pair, prompt_cut, answer_cut = encode_pair(tok, prompt, rec, max_len, path, line)
+        out.append(pair)
+        cut["prompt"] += prompt_cut
+        cut["answer"] += answer_cut
+    return out, cut
+
+
+def truncation_warning(cut: dict[str, int], max_len: int) -> str | None:
+    if not cut["prompt"] and not cut["answer"]:
+        return None
+    return (f"warning: {cut['prompt']} pair(s) had their prompt cut from the start and {cut['answer']} "
+            f"pair(s) an answer cut at the end to fit --max-len {max_len} (a cut answer loses its end-of-turn token)")
+
+
+def reference_key(args: argparse.Namespace, records: list[dict], device: torch.device) -> str:
+    """What the cached reference log-probs depend on: the pair records (flags included), the model (and the
+    --adapter merged into it), how pairs are encoded (max_len) and scored (average_logps, dtype, precision), which
+    network is the reference (the policy with its adapter off, or a frozen copy with --full), the device type
+    (kernels differ) and the library's code. Any change gives another key, and the cache is recomputed."""
+    return digest({
+        "pairs": records,
+        "model": model_digest(args.model),
+        "adapter": model_digest(args.adapter) if args.adapter else None,
+        "max_len": args.max_len,
+        "average_logps": args.average_logps,
+        "dtype": args.dtype,
+        "precision": args.precision,
+        "reference": "frozen-copy" if args.full else "adapter-off",
+        "device": device.type,
+        "code": code_version(),
+    })
 
 
 def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[PairExample], pad_id: int,
                          batch_size: int, out_dir: Path, key: str) -> None:
-    """Reference log-probs for every pair, cached in OUT (keyed by the pairs' content) for resumes."""
+    """Reference log-probs for every pair, cached in OUT for resumes; reused only under the same `key`
+    (`reference_key`), else recomputed and the cache rewritten."""
     cache = out_dir / REF_CACHE
     if cache.exists():
         rows = [r for _, r in read_jsonl(cache, allow_empty=True)]
@@ -134,7 +167,8 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Pair
         for p, (c, r) in zip(chunk, ref.tolist()):
             p.ref_logps = (c, r)
     model.train(was_training)
-    write_jsonl(cache, [{"key": key, "chosen": p.ref_logps[0], "rejected": p.ref_logps[1]} for p in pairs])
+    if distributed.is_main():  # every rank computed the same numbers; one writes them
+        write_jsonl(cache, [{"key": key, "chosen": p.ref_logps[0], "rejected": p.ref_logps[1]} for p in pairs])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # the builder already dropped empty and identical pairs; pairs.jsonl is written once the run starts
         pairs_path, built = out_dir / "pairs.jsonl", build_pairs_from_samples(args)
         records, skipped = [(None, r) for r in built], {"count": 0}
-    pairs = encode_pairs(tok, records, args.max_len, args.pairs or args.samples)
+    pairs, cut = encode_pairs(tok, records, args.max_len, args.pairs or args.samples)
+    if warning := truncation_warning(cut, args.max_len):
+        print(warning)
     if skipped["count"]:
         print(f"skipped {skipped['count']} unusable pair(s): empty at lines {skipped['empty']}, "
               f"chosen == rejected at lines {skipped['identical']}")
@@ -164,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     step = DPOStep(args, reference)
     if args.precompute_ref:
-        key = hashlib.sha256(json.dumps([r for _, r in records], sort_keys=True).encode()).hexdigest()[:16]
+        key = reference_key(args, [r for _, r in records], device)
         precompute_reference(step, model, pairs, pad_id, args.batch_size, out_dir, key)
     print(f"DPO: {len(pairs)} pairs, beta {args.beta}, loss {args.loss}, device {device}")
     last = run_training(train, model, pairs, lambda b: collate_pairs(b, pad_id), step, train_config(args),

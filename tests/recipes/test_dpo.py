@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from selfrefine.checkpoint import load_model
-from selfrefine.data import collate_pairs
+from selfrefine.data import IGNORE, collate_pairs, fit_pair
 from selfrefine.errors import UserError
 from selfrefine.lora import LoRAConfig, inject_lora
 from selfrefine.preference import load_pairs
@@ -33,7 +33,9 @@ def dpo_args(**kw) -> argparse.Namespace:
 def encoded(tiny_dir: Path, pairs: Path):
     tok = Tokenizer.from_dir(tiny_dir)
     records, _ = load_pairs(pairs)
-    return tok, dpo.encode_pairs(tok, records, 128, pairs)
+    examples, cut = dpo.encode_pairs(tok, records, 128, pairs)
+    assert cut == {"prompt": 0, "answer": 0}
+    return tok, examples
 
 
 def test_step0_rewards_exactly_zero_then_separates(tiny_dir: Path, pairs: Path, tmp_path: Path):
@@ -108,3 +110,122 @@ def test_bad_pairs(tiny_dir: Path, tmp_path: Path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="--lora-dropout must be 0"):
         dpo.main(["--model", str(tiny_dir), "--pairs", str(bad), "--out", str(tmp_path / "o"), "--lora-dropout", "0.1"])
+
+
+# ---- pairs longer than --max-len ---------------------------------------------------------------------------
+
+def test_fit_pair_cuts_prompt_start_first_then_answer_ends():
+    p, c, r = list(range(100, 110)), list(range(200, 204)), list(range(300, 302))
+    assert fit_pair(p, c, r, 16) == (p, c, r, False, False)  # fits: untouched
+    # the prompt alone gives way: its last 8 tokens stay, both answers whole
+    assert fit_pair(p, c, r, 12) == (p[2:], c, r, True, False)
+    # the prompt is cut no further than max_len // 2 = 6 tokens, then the longer answer loses its end
+    long_c = list(range(200, 209))
+    assert fit_pair(p, long_c, r, 12) == (p[4:], long_c[:6], r, True, True)
+    # a prompt shorter than max_len // 2 is never cut: the answers give way
+    assert fit_pair(p[:4], long_c * 3, r, 12) == (p[:4], (long_c * 3)[:8], r, False, True)
+    # a prompt longer than max_len (fatal before): its last max_len // 2 tokens stay
+    huge = list(range(1000, 1050))
+    assert fit_pair(huge, c, long_c, 12) == (huge[-6:], c, long_c[:6], True, True)
+
+
+def test_fit_pair_invariants_over_many_lengths():
+    for max_len in (1, 2, 7, 12, 33):
+        for n_p in (0, 1, 5, 20, 40):
+            for n_c in (1, 3, 18, 50):
+                for n_r in (1, 9, 40):
+                    p, c, r = list(range(n_p)), list(range(100, 100 + n_c)), list(range(200, 200 + n_r))
+                    p2, c2, r2, pc, ac = fit_pair(p, c, r, max_len)
+                    assert len(p2) + max(len(c2), len(r2)) <= max_len
+                    assert p2 == p[len(p) - len(p2):] and c2 == c[:len(c2)] and r2 == r[:len(r2)]
+                    assert len(p2) >= min(len(p), max_len // 2) and c2 and r2
+                    assert pc == (len(p2) < len(p)) and ac == (len(c2) < len(c) or len(r2) < len(r))
+                    if ac:  # answers are cut only once the prompt is at its floor
+                        assert len(p2) == min(len(p), max_len // 2)
+
+
+Q3 = "Solve the problem and give the final answer. What is 3 times 3?"  # 41 tokens with its chat template
+
+
+def test_encode_pairs_fits_long_pairs_and_counts_them(tiny_dir: Path, tmp_path: Path):
+    tok = Tokenizer.from_dir(tiny_dir)
+    long_prompt = "What is " + " plus ".join(str(i) for i in range(40)) + "?"
+    records = [(1, {"prompt": "What is 2 times 2?", "chosen": "The answer is 4.", "rejected": "The answer is 5."}),
+               (2, {"prompt": long_prompt, "chosen": "The answer is 780.", "rejected": "780."}),
+               (3, {"prompt": Q3, "chosen": "3 * 3 = 9. " * 20 + "The answer is 9.",
+                    "rejected": "The answer is 6."})]
+    max_len = 48
+    examples, cut = dpo.encode_pairs(tok, records, max_len, "p.jsonl")
+    assert cut == {"prompt": 2, "answer": 1}  # pair 2 (prompt), pair 3 (prompt down to 24 tokens, then the answer)
+    full_p, full_c = tok.encode_prompt_completion(long_prompt, "The answer is 780.")
+    assert len(full_p) > max_len  # fatal before
+    for ex in examples:
+        for side in (ex.chosen, ex.rejected):
+            assert len(side.input_ids) <= max_len and len(side.labels) == len(side.input_ids)
+        n_prompt = ex.chosen.labels.index(next(t for t in ex.chosen.labels if t != IGNORE))
+        assert ex.chosen.input_ids[:n_prompt] == ex.rejected.input_ids[:n_prompt]  # one prompt for both sides
+        assert ex.rejected.labels[:n_prompt] == [IGNORE] * n_prompt and ex.rejected.labels[n_prompt] != IGNORE
+    two = examples[1].chosen
+    n_prompt = two.labels.count(IGNORE)
+    assert two.input_ids == full_p[-n_prompt:] + full_c  # the prompt's end kept, the answer whole, with its EOT
+    assert n_prompt == max_len - len(full_c)
+    three_p, three_c = tok.encode_prompt_completion(Q3, records[2][1]["chosen"])
+    assert max_len // 2 < len(three_p) < max_len
+    three = examples[2].chosen
+    assert three.labels.count(IGNORE) == min(len(three_p), max_len // 2)
+    assert three.input_ids[three.labels.count(IGNORE):] == three_c[:max_len - max_len // 2]
+
+
+def test_truncated_sample_side_has_no_end_of_turn(tiny_dir: Path):
+    tok = Tokenizer.from_dir(tiny_dir)
+    rec = {"prompt": "What is 2 times 2?", "chosen": "2 * 2 = 4. The answer is 4.", "rejected": "2 * 2 = 4 and so"}
+    (plain,), _ = dpo.encode_pairs(tok, [(1, rec)], 128, "p.jsonl")
+    (cut,), _ = dpo.encode_pairs(tok, [(1, {**rec, "rejected_truncated": True})], 128, "p.jsonl")
+    assert plain.rejected.input_ids[-1] == tok.eot_id and plain.chosen.input_ids[-1] == tok.eot_id
+    assert cut.rejected.input_ids == plain.rejected.input_ids[:-1] and cut.rejected.labels == plain.rejected.labels[:-1]
+    assert cut.chosen == plain.chosen
+    (both,), _ = dpo.encode_pairs(tok, [(1, {**rec, "chosen_truncated": True, "rejected_truncated": True})], 128, "p")
+    assert both.chosen.input_ids == plain.chosen.input_ids[:-1] and both.rejected == cut.rejected
+
+
+def test_long_pairs_train_with_a_warning(tiny_dir: Path, tmp_path: Path, capsys):
+    data = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "What is " + " plus ".join(str(i) for i in range(40)) + "?", "chosen": "The answer is 780.",
+         "rejected": "The answer is 7."},
+        {"prompt": Q3, "chosen": "3 * 3 = 9. " * 30 + "The answer is 9.", "rejected": "6."}])
+    dpo.main(["--model", str(tiny_dir), "--pairs", str(data), "--out", str(tmp_path / "o"), "--max-len", "48",
+              "--max-steps", "1", "--batch-size", "2"])
+    assert "warning: 2 pair(s) had their prompt cut from the start and 1 pair(s) an answer cut" in capsys.readouterr().out
+
+
+# ---- the reference cache is keyed by everything that sets its numbers ------------------------------------
+
+def test_reference_cache_recomputed_when_scoring_changes(tiny_dir: Path, pairs: Path, tmp_path: Path, monkeypatch):
+    computed = []
+    real = dpo.DPOStep.reference_logps
+
+    def counting(self, model, batch):
+        if batch["ref_logps"] is None:
+            computed.append(batch["input_ids"].shape[0] // 2)
+        return real(self, model, batch)
+
+    monkeypatch.setattr(dpo.DPOStep, "reference_logps", counting)
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_dir), "--pairs", str(pairs), "--out", str(out), "--batch-size", "3",
+            "--precompute-ref", "--lora-r", "4"]
+
+    def run(steps: int, *extra: str) -> tuple[int, list[dict]]:
+        computed.clear()
+        more = ["--resume", "--allow-config-change"] if (out / "run.json").exists() else []
+        dpo.main([*base, "--max-steps", str(steps), *more, *extra])
+        return sum(computed), [json.loads(l) for l in (out / dpo.REF_CACHE).read_text().splitlines()]
+
+    n, first = run(1)
+    assert n == 6 and len({r["key"] for r in first}) == 1
+    n, again = run(2)  # same scoring, more steps: reused
+    assert n == 0 and again == first
+    n, longer = run(3, "--max-len", "100")  # nothing is cut at 100 either, but the key cannot know that
+    assert n == 6 and longer[0]["key"] != first[0]["key"]
+    n, averaged = run(4, "--max-len", "100", "--average-logps")
+    assert n == 6 and averaged[0]["key"] not in (first[0]["key"], longer[0]["key"])
+    assert all(abs(a["chosen"]) < abs(s["chosen"]) for a, s in zip(averaged, longer))  # means, not sums
