@@ -19,8 +19,10 @@ from ..trainer import Interrupted, TrainConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required,
+                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
+                   + ("" if required else " (required unless --compare)"))
     p.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],

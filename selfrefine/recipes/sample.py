@@ -13,7 +13,7 @@ from .. import distributed
 from ..errors import fail
 from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..sampling import SamplingParams, generate, plan_batches
-from ..tasks import Example, demonstration, extract_answer, get_task, is_correct, render_prompt
+from ..tasks import Example, demonstration, get_task, grade, render_prompt
 from .common import add_model_args, load
 
 PROMPT_TYPES = {"cot": ("cot",), "direct": ("direct",), "both": ("cot", "direct")}
@@ -73,11 +73,11 @@ def load_questions(args: argparse.Namespace) -> tuple[list[Question], str | None
     return [Question(e.id, e, {t: render_prompt(e, task.kind, t) for t in ("cot", "direct")}) for e in examples], task.kind
 
 
-def score(q: Question, kind: str | None, completion: str) -> dict:
+def score(q: Question, kind: str | None, completion: str, finish_reason: str) -> dict:
     if q.example is None:
-        return {"pred": None, "gold": None, "correct": None}
-    pred = extract_answer(completion, kind, q.example.choices)
-    return {"pred": pred, "gold": q.example.gold, "correct": is_correct(pred, q.example.gold, kind)}
+        return {"pred": None, "answer_found": None, "gold": None, "correct": None}
+    g = grade(completion, finish_reason, q.example.gold, kind, q.example.choices)
+    return {"pred": g.pred, "answer_found": g.answer_found, "gold": q.example.gold, "correct": g.correct}
 
 
 def rationale_demos(questions: list[Question], kind: str) -> list[dict]:
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for (i, j), c in zip(rows, completions):
                 q = questions[i]
                 rec = {"task": args.task, "id": q.id, "sample": j, "prompt_type": ptype, "prompt": q.prompts[ptype],
-                       "completion": c.text, **score(q, kind, c.text), "finish_reason": c.finish_reason, "_q": i}
+                       "completion": c.text, "finish_reason": c.finish_reason,
+                       **score(q, kind, c.text, c.finish_reason), "_q": i}
                 append_jsonl(partial, rec)
                 new[(ptype, i, j)] = rec
 
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if kind is not None:
         for ptype in PROMPT_TYPES[args.prompt]:
             sub = [r for r in records if r["prompt_type"] == ptype]
-            summary += f"; {ptype}: {sum(r['correct'] for r in sub)}/{len(sub)} correct"
+            summary += (f"; {ptype}: {sum(r['correct'] for r in sub)}/{len(sub)} correct, "
+                        f"{sum(r['finish_reason'] == 'length' for r in sub)} cut at the token limit, "
+                        f"{sum(not r['answer_found'] for r in sub)} without an answer")
     print(summary)
     if args.keep_correct:
         demos, seen = [], set()

@@ -1,6 +1,10 @@
-"""Wilson interval: its defining property (the score test's acceptance boundary), scipy's values, hand values."""
+"""Wilson interval: its defining property (the score test's acceptance boundary), scipy's values, hand values.
+Paired comparison: exact McNemar p against scipy's binomial test, Agresti-Min interval by hand, symmetry."""
 
 from __future__ import annotations
+
+import math
+import random
 
 import pytest
 
@@ -41,3 +45,97 @@ def test_bad_counts() -> None:
     for k, n in [(0, 0), (-1, 5), (6, 5)]:
         with pytest.raises(ValueError):
             wilson_interval(k, n)
+
+
+# ---- paired comparison: exact McNemar p and Agresti-Min interval -------------------------------------------
+
+def table_to_lists(both: int, only_a: int, only_b: int, neither: int) -> tuple[list[bool], list[bool]]:
+    """Per-question grades for a 2x2 table, cells interleaved so that nothing relies on position."""
+    cells = [(True, True)] * both + [(True, False)] * only_a + [(False, True)] * only_b + [(False, False)] * neither
+    random.Random(len(cells)).shuffle(cells)
+    return [x for x, _ in cells], [y for _, y in cells]
+
+
+# (both, only_a, only_b, neither)
+TABLES = [(0, 0, 0, 10), (10, 0, 0, 0), (5, 0, 1, 4), (44, 7, 20, 29), (3, 2, 2, 3), (0, 0, 12, 0),
+          (0, 9, 0, 0), (100, 30, 45, 25), (1, 1, 0, 0), (0, 1, 1, 0), (200, 61, 80, 9), (1, 0, 6, 0)]
+
+
+@pytest.mark.parametrize("cells", TABLES)
+def test_paired_counts_and_p_match_scipy(cells: tuple[int, int, int, int]) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    from selfrefine.tasks.stats import paired_comparison
+
+    both, only_a, only_b, neither = cells
+    a, b = table_to_lists(*cells)
+    r = paired_comparison(a, b)
+    n = sum(cells)
+    assert (r.n, r.correct_a, r.correct_b, r.only_a, r.only_b) == (n, both + only_a, both + only_b, only_a, only_b)
+    assert r.diff == pytest.approx((only_b - only_a) / n, abs=1e-15)
+    if only_a + only_b == 0:
+        assert r.p == 1.0
+    else:
+        assert r.p == pytest.approx(stats.binomtest(only_b, only_a + only_b, p=0.5).pvalue, rel=1e-9, abs=1e-300)
+
+
+def test_p_hand_values_and_large_counts() -> None:
+    from selfrefine.tasks.stats import mcnemar_exact_p
+
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(0, 1) == 1.0  # 2 * 1/2
+    assert mcnemar_exact_p(0, 5) == 2 / 32
+    assert mcnemar_exact_p(1, 5) == mcnemar_exact_p(5, 1) == 2 * 7 / 64
+    assert mcnemar_exact_p(7, 20) == pytest.approx(2 * sum(math.comb(27, i) for i in range(8)) / 2**27)
+    assert mcnemar_exact_p(3, 3) == 1.0
+    assert 0.0 < mcnemar_exact_p(0, 1074) < 1e-300  # summed in integers: no underflow to 0 until 2^-1074
+    with pytest.raises(ValueError):
+        mcnemar_exact_p(-1, 2)
+
+
+def test_interval_hand_values() -> None:
+    from selfrefine.tasks.stats import paired_comparison
+
+    # No discordant question, n=10: d* = 0, variance (1/12) / 12, so +-1.96/12.
+    r = paired_comparison(*table_to_lists(4, 0, 0, 6))
+    assert r.diff == 0.0 and r.ci95 == pytest.approx((-1.96 / 12, 1.96 / 12), abs=1e-12) and r.p == 1.0
+    # only_a=2, only_b=6, n=18 -> n+2=20: d* = 4/20 = 0.2, variance (9/20 - 0.04) / 20 = 0.0205.
+    r = paired_comparison(*table_to_lists(5, 2, 6, 5))
+    half = 1.96 * math.sqrt(0.0205)  # 0.2806293
+    assert r.diff == pytest.approx(4 / 18) and r.ci95 == pytest.approx((0.2 - half, 0.2 + half), abs=1e-12)
+    assert r.ci95 == pytest.approx((-0.0806293, 0.4806293), abs=1e-7)
+    # All 12 questions B-only: d* = 12/14, variance (13/14 - (12/14)^2) / 14; the top end clips to 1.
+    r = paired_comparison(*table_to_lists(0, 0, 12, 0))
+    low = 12 / 14 - 1.96 * math.sqrt((13 / 14 - (12 / 14) ** 2) / 14)
+    assert r.diff == 1.0 and r.ci95 == pytest.approx((low, 1.0), abs=1e-12) and r.ci95[1] == 1.0
+
+
+@pytest.mark.parametrize("cells", TABLES)
+def test_swapping_a_and_b_mirrors(cells: tuple[int, int, int, int]) -> None:
+    from selfrefine.tasks.stats import paired_comparison
+
+    a, b = table_to_lists(*cells)
+    ab, ba = paired_comparison(a, b), paired_comparison(b, a)
+    assert ba.diff == -ab.diff and ba.ci95 == (-ab.ci95[1], -ab.ci95[0]) and ba.p == ab.p
+    assert (ba.only_a, ba.only_b, ba.correct_a, ba.correct_b) == (ab.only_b, ab.only_a, ab.correct_b, ab.correct_a)
+
+
+def test_estimate_inside_interval_for_every_small_table() -> None:
+    """Every 2x2 table with n <= 14 (and a few large ones): -1 <= low <= diff <= high <= 1, and a
+    positive width even with no discordant question."""
+    from selfrefine.tasks.stats import paired_comparison
+
+    tables = [(t, x, y, n - t - x - y) for n in range(1, 15) for t in range(n + 1) for x in range(n + 1 - t)
+              for y in range(n + 1 - t - x)] + TABLES
+    for cells in tables:
+        r = paired_comparison(*table_to_lists(*cells))
+        low, high = r.ci95
+        assert -1.0 <= low <= r.diff <= high <= 1.0 and high - low > 0, cells
+
+
+def test_paired_bad_input() -> None:
+    from selfrefine.tasks.stats import paired_comparison
+
+    with pytest.raises(ValueError, match="same questions"):
+        paired_comparison([True, False], [True])
+    with pytest.raises(ValueError, match="no questions"):
+        paired_comparison([], [])
