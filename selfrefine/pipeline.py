@@ -4,28 +4,36 @@ in-domain and out-of-domain.
 
     python -m selfrefine.pipeline [--config configs/demo.json] [--out runs/demo] [--seed S] [--force]
 
-Each stage is one of the four scripts called as a function; it is skipped when its output exists
-(`--force` redoes everything), and an interrupted training stage resumes from its checkpoint.
+Each stage is one of the four scripts called as a function. A stage is skipped when it is up to date, redone
+(with everything downstream) when its options, its inputs or the code changed, and resumed when it was
+interrupted (see `selfrefine.provenance`); `--force` redoes everything. The table compares the models per task,
+paired on the same questions (difference with its 95% interval, exact McNemar p).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import shutil
-import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import numpy as np
+
+from .data import as_messages
 from .errors import cli_main, fail
-from .io import read_json, write_json
+from .fingerprint import model_digest, path_digest
+from .io import read_json, read_jsonl, write_json
+from .provenance import Stages
 from .recipes import dpo, eval as eval_recipe, sample, sft
-from .tasks import wilson_interval
+from .recipes.eval import compare_predictions, format_p
+from .tokenizer import Tokenizer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.json"
 ROWS = ("base", "sft", "self_refine")
 SPLITS = ("in_domain", "out_of_domain")
+COMPARISONS = {"sft_vs_base": ("base", "sft"), "self_refine_vs_sft": ("sft", "self_refine")}  # name: (A, B)
+CELL_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate", "predictions")
 
 
 def flags(options: dict[str, Any]) -> list[str]:
@@ -56,102 +64,163 @@ def substitute(obj: Any, values: dict[str, str]) -> Any:
 
 class Pipeline:
     def __init__(self, cfg: dict[str, Any], out: Path, seed: int, force: bool) -> None:
-        self.cfg, self.out, self.seed, self.force = cfg, out, seed, force
-        self.times_path = out / "stage_seconds.json"
-        self.times: dict[str, float] = read_json(self.times_path) if self.times_path.exists() and not force else {}
-
-    def stage(self, name: str, output: Path, run: Callable[[], object], workdir: Path | None = None) -> None:
-        """Run `run` unless `output` exists; log and record its wall time."""
-        if output.exists() and not self.force:
-            print(f"[{name}] done already ({output}), skipped")
-            return
-        if self.force and workdir is not None and workdir.exists():
-            shutil.rmtree(workdir)
-        print(f"[{name}] ...", flush=True)
-        t0 = time.perf_counter()
-        run()
-        gc.collect()
-        self.times[name] = round(time.perf_counter() - t0, 1)
-        write_json(self.times_path, self.times)
-        print(f"[{name}] {self.times[name]:.1f} s")
+        self.cfg, self.out, self.seed = cfg, out, seed
+        inputs = [Path(p) for p in (cfg.get("model"), cfg.get("teacher", {}).get("model")) if p]
+        self.stages = Stages(out, force, protected=tuple(inputs))
 
     def train_flags(self, stage_dir: Path, options: dict[str, Any]) -> list[str]:
         resume = (stage_dir / "run.json").exists()
         return flags({"seed": self.seed, **options, "out": str(stage_dir), "resume": resume})
 
     def run(self) -> dict[str, Any]:
-        c, out = self.cfg, self.out
-        base = Path(c["model"]) if c.get("model") else out / "base"
-        if not c.get("model"):
+        c, out, seed = self.cfg, self.out, self.seed
+        if c.get("model"):
+            base, base_fp = Path(c["model"]), model_digest(c["model"])
+        else:
             from .convert_gguf import convert, default_gguf_path
 
-            self.stage("convert", base / "config.json", lambda: convert(c.get("gguf") or default_gguf_path(), base))
+            base, gguf = out / "base", Path(c.get("gguf") or default_gguf_path())
+            base_fp = self.stages.run("convert", lambda: convert(gguf, base), outputs=[base],
+                                      options={"gguf": str(gguf)}, inputs={"gguf": path_digest(gguf)})
         train = c["train"]
+        data_fp = path_digest(train.get("data"))
         demos = out / "demos.jsonl"
         teacher = c.get("teacher", {"type": "rationales"})
         if teacher["type"] == "rationales":
-            self.stage("demos", demos, lambda: sample.rationales_main(flags({**train, "demos_out": str(demos)})))
+            demos_fp = self.stages.run(
+                "demos", lambda: sample.rationales_main(flags({**train, "demos_out": str(demos)})),
+                outputs=[demos], options={"train": train, "teacher": teacher}, inputs={"data": data_fp})
         else:
-            self.stage("demos", demos, lambda: sample.main(flags({
-                **train, "seed": self.seed, **teacher.get("sampling", {}), "model": teacher["model"],
-                "out": str(out / "teacher_samples.jsonl"), "keep_correct": True, "demos_out": str(demos)})))
+            teacher_out = out / "teacher_samples.jsonl"
+            demos_fp = self.stages.run("demos", lambda: sample.main(flags({
+                **train, "seed": seed, **teacher.get("sampling", {}), "model": teacher["model"],
+                "out": str(teacher_out), "keep_correct": True, "demos_out": str(demos),
+                "resume": partial(teacher_out).exists()})),
+                outputs=[demos, *with_partials(teacher_out)],
+                options={"train": train, "teacher": teacher, "seed": seed},
+                inputs={"data": data_fp, "teacher": model_digest(teacher["model"])})
+        check_budgets(Tokenizer.from_dir(base), demos, c)
         sft_dir = out / "sft"
-        self.stage("sft", sft_dir / "merged" / "config.json", lambda: sft.main(
+        sft_fp = self.stages.run("sft", lambda: sft.main(
             ["--model", str(base), "--data", str(demos), "--merge"] + self.train_flags(sft_dir, c["sft"])),
-            workdir=sft_dir)
+            outputs=[sft_dir], options={"seed": seed, **c["sft"]}, inputs={"base": base_fp, "demos": demos_fp})
         student = sft_dir / "merged"
         samples = out / "samples.jsonl"
-        self.stage("self_refine_samples", samples, lambda: sample.main(flags({
-            **train, "model": str(student), "prompt": "both", "seed": self.seed, **c["sample"],
-            "out": str(samples), "resume": (samples.with_name(samples.name + ".partial")).exists()})))
+        sample_options = {**train, "seed": seed, **c["sample"]}
+        samples_fp = self.stages.run("self_refine_samples", lambda: sample.main(flags({
+            **sample_options, "model": str(student), "prompt": "both", "out": str(samples),
+            "resume": partial(samples).exists()})),
+            outputs=with_partials(samples), options=sample_options, inputs={"sft": sft_fp})
         dpo_dir = out / "dpo"
-        self.stage("dpo", dpo_dir / "adapter" / "adapter_config.json", lambda: dpo.main(
+        dpo_options = {"seed": seed, **c.get("pairs", {}), **c["dpo"], "task": train["task"]}
+        dpo_fp = self.stages.run("dpo", lambda: dpo.main(
             ["--model", str(student), "--samples", str(samples), "--demos", str(demos), "--task", train["task"]]
-            + flags(c.get("pairs", {})) + self.train_flags(dpo_dir, c["dpo"])), workdir=dpo_dir)
-        models = {"base": (base, None), "sft": (student, None), "self_refine": (student, dpo_dir / "adapter")}
-        reports: dict[str, dict[str, Any]] = {}
-        for row, (model, adapter) in models.items():
-            reports[row] = {}
-            for split in SPLITS:
-                reports[row][split] = self.evaluate(row, split, model, adapter)
-        return self.report(reports)
+            + flags(c.get("pairs", {})) + self.train_flags(dpo_dir, c["dpo"])),
+            outputs=[dpo_dir], options=dpo_options,
+            inputs={"sft": sft_fp, "samples": samples_fp, "demos": demos_fp})
+        models = {"base": (base, None, {"model": base_fp}),
+                  "sft": (student, None, {"model": sft_fp}),
+                  "self_refine": (student, dpo_dir / "adapter", {"model": sft_fp, "adapter": dpo_fp})}
+        results = {row: {split: self.evaluate(row, split, model, adapter, fps) for split in SPLITS}
+                   for row, (model, adapter, fps) in models.items()}
+        return self.report(results)
 
-    def evaluate(self, row: str, split: str, model: Path, adapter: Path | None) -> dict[str, Any]:
-        """One cell of the table; several tasks in a split are pooled (each kept in `tasks`)."""
+    def evaluate(self, row: str, split: str, model: Path, adapter: Path | None,
+                 inputs: dict[str, str]) -> list[dict[str, Any]]:
+        """One model on one split: the eval report of each of its tasks (never pooled)."""
         specs = self.cfg["eval"][split]
         specs = specs if isinstance(specs, list) else [specs]
         path = self.out / "eval" / f"{row}.{split}.json"
-        opts = {"model": str(model), "adapter": str(adapter) if adapter else None, **self.cfg.get("eval_options", {})}
+        options = self.cfg.get("eval_options", {})
         tasks = [f"{s['task']}={s['data']}" if s.get("data") else s["task"] for s in specs]
         extra = {k: v for k, v in specs[0].items() if k not in ("task", "data")}
-        self.stage(f"eval_{row}_{split}", path, lambda: eval_recipe.main(flags({**opts, **extra, "task": tasks,
-                                                                            "out": str(path)})))
+        self.stages.run(f"eval_{row}_{split}", lambda: eval_recipe.main(flags(
+            {"model": str(model), "adapter": str(adapter) if adapter else None, **options, **extra,
+             "task": tasks, "out": str(path)})),
+            outputs=[path, *path.parent.glob(f"{path.stem}.*.predictions.jsonl")],
+            options={"specs": specs, **options},
+            inputs={**inputs, "data": [path_digest(s.get("data")) for s in specs]})
         report = read_json(path)
-        parts = report.get("results", [report])
-        k, n = sum(p["correct"] for p in parts), sum(p["n"] for p in parts)
-        return {"accuracy": k / n, "n": n, "ci95": list(wilson_interval(k, n)),
-                "tasks": {p["task"]: {"accuracy": p["accuracy"], "n": p["n"]} for p in parts}}
+        return report.get("results", [report])
 
-    def report(self, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        report = {"rows": rows, "stage_seconds": self.times, "total_seconds": round(sum(self.times.values()), 1),
+    def report(self, results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+        rows = {row: {split: {t["task"]: {k: t[k] for k in CELL_KEYS} for t in results[row][split]}
+                      for split in SPLITS} for row in ROWS}
+        comparisons = {}
+        for name, (a, b) in COMPARISONS.items():
+            comparisons[name] = {}
+            for split in SPLITS:
+                pairs = zip(results[a][split], results[b][split])
+                comparisons[name][split] = {task: asdict(cmp) for ta, tb in pairs
+                                            for task, cmp in compare_predictions(ta["predictions"], tb["predictions"])}
+        stages = self.stages
+        report = {"rows": rows, "comparisons": comparisons, "stage_seconds": stages.seconds,
+                  "total_seconds": round(sum(stages.seconds.values()), 1), "fingerprints": stages.fingerprints,
                   "seed": self.seed, "config": self.cfg}
         write_json(self.out / "report.json", report)
-        print(markdown_table(rows))
-        print(f"total {report['total_seconds']:.0f} s; report -> {self.out / 'report.json'}")
+        print(markdown_table(rows, comparisons))
+        print(f"total {report['total_seconds']:.0f} s of stage time; report -> {self.out / 'report.json'}")
         return report
 
 
-def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+def partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def with_partials(path: Path) -> list[Path]:
+    """A sampling output and the partial files it resumes from (one per torchrun rank)."""
+    return [path, *sorted(path.parent.glob(partial(path).name + "*"))]
+
+
+def check_budgets(tok: Tokenizer, demos: Path, cfg: dict[str, Any]) -> None:
+    """Print the demonstrations' length in tokens; warn where a sampling or eval budget is below its p99
+    (samples cut at the budget are unfinished: never chosen in a pair, never a correct answer)."""
+    lengths = [len(tok.encode_prompt_completion(as_messages(r["prompt"], demos, line, "prompt"), r["completion"])[1])
+               for line, r in read_jsonl(demos)]
+    p50, p99 = (float(np.percentile(lengths, q)) for q in (50, 99))
+    print(f"demonstrations: {len(lengths)}, answer tokens p50 {p50:.0f}, p99 {p99:.0f}, max {max(lengths)}")
+    budgets = {"sample.max_new_tokens": cfg["sample"].get("max_new_tokens", sample.parser().get_default("max_new_tokens"))}
+    eval_default = cfg.get("eval_options", {}).get("max_new_tokens", eval_recipe.parser().get_default("max_new_tokens"))
+    for split in SPLITS:
+        specs = cfg["eval"][split] if isinstance(cfg["eval"][split], list) else [cfg["eval"][split]]
+        budgets[f"eval.{split}.max_new_tokens"] = specs[0].get("max_new_tokens", eval_default)
+    for name, budget in budgets.items():
+        if budget < p99:
+            print(f"warning: {name} = {budget} is below the demonstrations' p99 length ({p99:.0f} tokens): "
+                  "many answers will be cut unfinished")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _cell(r: dict[str, Any]) -> str:
+    lo, hi = r["ci95"]
+    return f"{_pct(r['accuracy'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _diff(c: dict[str, Any]) -> str:
+    lo, hi = c["ci95"]
+    return f"{100 * c['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] p={format_p(c['p'])}"
+
+
+def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any]) -> str:
+    """Per split and task: each model's accuracy [95% CI], the paired differences (points) with their 95% CI
+    and exact McNemar p; then each model's no-answer and truncation rates."""
     names = {"base": "base", "sft": "SFT", "self_refine": "SFT+self-refine"}
-    lines = ["| model | in-domain | out-of-domain |", "|---|---|---|"]
-    for row in ROWS:
-        cells = []
-        for split in SPLITS:
-            r = rows[row][split]
-            lo, hi = r["ci95"]
-            cells.append(f"{100 * r['accuracy']:.1f}% (n={r['n']}, 95% CI {100 * lo:.1f}-{100 * hi:.1f})")
-        lines.append(f"| {names[row]} | {cells[0]} | {cells[1]} |")
-    return "\n".join(lines)
+    lines = ["| split | task | n | " + " | ".join(names[r] for r in ROWS) + " | SFT - base | SFT+self-refine - SFT |",
+             "|---|---|---:|" + "---|" * (len(ROWS) + 2)]
+    rates = ["| split | task | " + " | ".join(f"{names[r]}: no answer / cut" for r in ROWS) + " |",
+             "|---|---|" + "---|" * len(ROWS)]
+    for split in SPLITS:
+        for task, first in rows[ROWS[0]][split].items():
+            cells = [_cell(rows[r][split][task]) for r in ROWS]
+            diffs = [_diff(comparisons[name][split][task]) for name in COMPARISONS]
+            lines.append(f"| {split} | {task} | {first['n']} | " + " | ".join(cells + diffs) + " |")
+            rates.append(f"| {split} | {task} | " + " | ".join(
+                f"{_pct(rows[r][split][task]['no_answer_rate'])} / {_pct(rows[r][split][task]['truncation_rate'])}"
+                for r in ROWS) + " |")
+    return "\n".join(lines + [""] + rates)
 
 
 def check_config(cfg: Any, path: str) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from selfrefine import pipeline
 from selfrefine.errors import UserError
+from selfrefine.tokenizer import Tokenizer
 from tests.helpers import make_tiny_model_dir
 
 TINY = {
@@ -17,12 +19,23 @@ TINY = {
     "teacher": {"type": "rationales"},
     "sft": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "warmup": 0, "max_len": 128, "lora_r": 4},
     "sample": {"limit": 4, "n": 2, "temperature": 1.0, "max_new_tokens": 12, "batch_size": 8},
-    "pairs": {"strategy": "paper", "pairs_per_question": 1},
+    # The tiny random model never ends an answer: its cut samples are the only ones there are to reject.
+    "pairs": {"strategy": "paper", "pairs_per_question": 1, "keep_truncated": True},
     "dpo": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "warmup": 0, "max_len": 128, "precompute_ref": True, "lora_r": 4},
     "eval": {"in_domain": {"task": "arith", "split": "test", "size": 4},
              "out_of_domain": [{"task": "arith_ood", "split": "test", "size": 3}]},
     "eval_options": {"max_new_tokens": 8, "batch_size": 8},
 }
+
+
+def stage_lines(printed: str) -> tuple[set[str], set[str]]:
+    """(stages skipped as up to date, stages run) from the pipeline's output."""
+    skipped = set(re.findall(r"^\[(\w+)\] up to date", printed, re.M))
+    ran = set(re.findall(r"^\[(\w+)\] [\d.]+ s$", printed, re.M))
+    return skipped, ran
+
+
+EVALS = {f"eval_{row}_{split}" for row in pipeline.ROWS for split in pipeline.SPLITS}
 
 
 def test_pipeline_end_to_end_and_skips_done_stages(tmp_path: Path, capsys):
@@ -32,19 +45,59 @@ def test_pipeline_end_to_end_and_skips_done_stages(tmp_path: Path, capsys):
     out = tmp_path / "run"
     report = pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model)])
     saved = json.loads((out / "report.json").read_text())
-    for row in ("base", "sft", "self_refine"):
-        assert saved["rows"][row]["in_domain"]["n"] == 4 and saved["rows"][row]["out_of_domain"]["n"] == 3
-        for cell in saved["rows"][row].values():
-            assert 0 <= cell["ci95"][0] <= cell["accuracy"] <= cell["ci95"][1] <= 1
+    for row in pipeline.ROWS:
+        assert saved["rows"][row]["in_domain"]["arith"]["n"] == 4
+        assert saved["rows"][row]["out_of_domain"]["arith_ood"]["n"] == 3
+        for split in saved["rows"][row].values():
+            for cell in split.values():
+                assert 0 <= cell["ci95"][0] <= cell["accuracy"] <= cell["ci95"][1] <= 1
+                assert 0 <= cell["no_answer_rate"] <= 1 and 0 <= cell["truncation_rate"] <= 1
+    for name in pipeline.COMPARISONS:
+        cmp = saved["comparisons"][name]["in_domain"]["arith"]
+        assert cmp["n"] == 4 and 0 < cmp["p"] <= 1 and cmp["ci95"][0] <= cmp["diff"] <= cmp["ci95"][1]
     assert {"demos", "sft", "self_refine_samples", "dpo", "eval_base_in_domain"} <= set(saved["stage_seconds"])
+    assert set(saved["fingerprints"]) == set(saved["stage_seconds"])
     assert saved["total_seconds"] >= 0 and report["rows"] == saved["rows"]
-    assert (out / "dpo" / "pairs.jsonl").exists() or (out / "dpo" / "metrics.jsonl").exists()
     printed = capsys.readouterr().out
-    assert "| SFT+self-refine |" in printed
+    assert "| SFT+self-refine - SFT |" in printed and "demonstrations: 8, answer tokens p50" in printed
     pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model)])
-    assert "done already" not in printed
     again = capsys.readouterr().out
-    assert again.count("done already") == 10 and "| SFT+self-refine |" in again
+    assert stage_lines(again) == ({"demos", "sft", "self_refine_samples", "dpo"} | EVALS, set())
+    assert "| SFT+self-refine - SFT |" in again
+
+
+def test_changed_seed_or_dpo_lr_redoes_exactly_what_depends_on_it(tmp_path: Path, capsys):
+    model = make_tiny_model_dir(tmp_path / "model")
+    config, out = tmp_path / "tiny.json", tmp_path / "run"
+    config.write_text(json.dumps(TINY))
+    args = ["--config", str(config), "--out", str(out), "--model", str(model)]
+    pipeline.main(args)
+    capsys.readouterr()
+    seeded = {"sft", "self_refine_samples", "dpo"} | {e for e in EVALS if "base" not in e}
+    pipeline.main(args + ["--seed", "1"])
+    printed = capsys.readouterr().out
+    assert stage_lines(printed) == ({"demos", "eval_base_in_domain", "eval_base_out_of_domain"}, seeded)
+    assert "[sft] option seed changed (0 -> 1): redoing it and what depends on it" in printed
+    assert json.loads((out / "report.json").read_text())["seed"] == 1
+    assert json.loads((out / "sft" / "run.json").read_text())["config"]["seed"] == 1
+    config.write_text(json.dumps({**TINY, "dpo": {**TINY["dpo"], "lr": 5e-3}}))
+    pipeline.main(args + ["--seed", "1"])
+    skipped, ran = stage_lines(capsys.readouterr().out)
+    assert ran == {"dpo", "eval_self_refine_in_domain", "eval_self_refine_out_of_domain"}
+    assert skipped == {"demos", "sft", "self_refine_samples"} | EVALS - ran
+    assert json.loads((out / "dpo" / "run.json").read_text())["config"]["lr"] == 5e-3
+
+
+def test_budget_below_the_demonstrations_p99_warns(tmp_path: Path, capsys):
+    model = make_tiny_model_dir(tmp_path / "model")
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"id": str(i), "prompt": "q", "completion": "word " * (10 + i)}) + "\n"
+                             for i in range(20)))
+    cfg = {**TINY, "sample": {**TINY["sample"], "max_new_tokens": 5}}
+    pipeline.check_budgets(Tokenizer.from_dir(model), demos, cfg)
+    printed = capsys.readouterr().out
+    assert "warning: sample.max_new_tokens = 5 is below the demonstrations' p99 length" in printed
+    assert "warning: eval.in_domain.max_new_tokens = 8 is below" in printed
 
 
 def test_bad_config_is_one_line_error(tmp_path: Path):
