@@ -92,7 +92,8 @@ def sample_record(task: str, i: int, prompt_type: str = "cot", correct: bool = T
     answer = i + 1 if correct else i + 5
     completion = f"{i} + 1 = {answer}. The answer is {answer}." if prompt_type == "cot" else f"The answer is {answer}."
     return {"task": task, "id": f"q{i}", "sample": 0, "prompt_type": prompt_type, "prompt": f"What is {i} plus 1?",
-            "completion": completion, "pred": str(answer), "gold": str(i + 1), "correct": correct}
+            "completion": completion, "finish_reason": "stop", "pred": str(answer), "gold": str(i + 1),
+            "correct": correct}
 
 
 @pytest.fixture(scope="module")
@@ -242,15 +243,9 @@ CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
     "dpo_pair_without_rejected": lambda w: Case(
         DPO + ["--model", w.model, "--pairs", w.pairs_no_rejected, "--out", f"{w.out}/new"], w.pairs_no_rejected, 2,
         "missing field 'rejected'"),
-    "dpo_pair_prompt_longer_than_max_len": lambda w: Case(
-        DPO + ["--model", w.model, "--pairs", w.pairs_long, "--max-len", "32", "--out", f"{w.out}/new"],
-        w.pairs_long, 2, "--max-len 32"),
     "dpo_samples_of_another_task": lambda w: Case(
         DPO + ["--model", w.model, "--samples", w.samples_arith, "--task", "gsm8k", "--out", f"{w.out}/new"],
         w.samples_arith, 1, "expected task 'gsm8k'"),
-    "dpo_built_pair_longer_than_max_len": lambda w: Case(
-        DPO + ["--model", w.model, "--samples", w.samples_arith, "--max-len", "8", "--out", f"{w.out}/new"],
-        w.samples_arith, None, "--max-len 8"),
     "dpo_lora_dropout": lambda w: Case(
         DPO + ["--model", w.model, "--pairs", w.pairs_long, "--lora-dropout", "0.1", "--out", f"{w.out}/new"],
         None, None, "--lora-dropout must be 0"),
