@@ -49,6 +49,7 @@ These are all the rules; tests/tasks/test_tasks_extract.py pins each one, on mad
 
 from __future__ import annotations
 
+import operator
 import re
 import string
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ _OPERAND = re.compile(r"[$€£]?\s?(?P<neg>-)?(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|
 # one), with its sign or currency, or an opening parenthesis (not LaTeX's "\(") that holds one.
 _EXPR_START = re.compile(r"(?<![\w.])(?:[-−+]\s?)?[$€£]?\s?-?\d|(?<![\\\w])\((?=\s*[-−$€£\d(])")
 _MINUS, _PLUS, _TIMES, _DIVIDE = "-−", "+", "*×xX", "/÷"
+_APPLY = {**dict.fromkeys(_PLUS, operator.add), **dict.fromkeys(_MINUS, operator.sub),
+          **dict.fromkeys(_TIMES, operator.mul), **dict.fromkeys(_DIVIDE, operator.truediv)}
 _MAX_DEPTH = 50  # nested parentheses and signs
 _UNIT_WORDS = re.compile(r"(?:\s+[A-Za-z]+){0,2}\s*")
 
@@ -141,42 +144,28 @@ class _Parser:
         c = self.text[self.pos: self.pos + 1]
         return c if c and c in chars else None
 
-    def expr(self) -> Fraction | None:
-        value = self.term()
+    def _chain(self, operand, ops: str) -> Fraction | None:
+        """operand (op operand)*, left to right; an operator with no operand after it ends the chain before it."""
+        value = operand()
         while value is not None:
             start = self.pos
-            op = self._peek(_PLUS + _MINUS)
-            if op is None:
-                self.pos = start
-                break
-            self.pos += 1
-            rhs = self.term()
+            op = self._peek(ops)
+            if op is not None:
+                self.pos += 1
+            rhs = None if op is None else operand()
             if rhs is None:
                 self.pos = start
-                break
-            value = value + rhs if op in _PLUS else value - rhs
+                return value
+            if op in _DIVIDE and rhs == 0:
+                raise _NoAnswer("division by zero")
+            value = _APPLY[op](value, rhs)
         return value
 
+    def expr(self) -> Fraction | None:
+        return self._chain(self.term, _PLUS + _MINUS)
+
     def term(self) -> Fraction | None:
-        value = self.factor()
-        while value is not None:
-            start = self.pos
-            op = self._peek(_TIMES + _DIVIDE)
-            if op is None:
-                self.pos = start
-                break
-            self.pos += 1
-            rhs = self.factor()
-            if rhs is None:
-                self.pos = start
-                break
-            if op in _DIVIDE:
-                if rhs == 0:
-                    raise _NoAnswer("division by zero")
-                value /= rhs
-            else:
-                value *= rhs
-        return value
+        return self._chain(self.factor, _TIMES + _DIVIDE)
 
     def factor(self) -> Fraction | None:
         start = self.pos
