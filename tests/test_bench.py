@@ -57,3 +57,35 @@ def test_flops_count_by_hand():
     n = matmul_params(random_model(cfg, torch.float32, torch.device("cpu"), seed=0))
     assert n == L * per_layer + v * h  # + the (tied) LM head, which is a matmul even when tied
     assert train_flops_per_token(cfg, n, 32) == 6 * n + 12 * L * h * 32
+
+
+def test_gpu_report_says_one_line_without_cuda_and_builds_its_table(tmp_path, capsys):
+    """Without CUDA: one line, exit 0. The table comes from the benchmarks' own JSON (tiny CPU runs here), and a
+    benchmark that failed is a row saying so."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench import gpu_report
+
+    if not torch.cuda.is_available():
+        r = subprocess.run(["bash", "bench/gpu_report.sh"], cwd=Path(__file__).parent.parent, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "no CUDA" in r.stdout, r.stdout
+    train.main([*TINY, "--json", str(tmp_path / "t.json")])
+    dpo.main([*TINY, "--json", str(tmp_path / "d.json")])
+    capsys.readouterr()
+    sampling = {"ratio_vs_hf": 1.5, "rows": [
+        {"batch": b, "impl": impl, "new tok/s": tok_s, "total s": 1.0, "decode ms/step": 2.0, "floor ms/step": 1.0,
+         "same greedy rows %": 100.0}
+        for b in (1, 64) for impl, tok_s in (("ours", 300.0 * b), ("transformers", 200.0 * b))]}
+    results = {"sft_1b": json.loads((tmp_path / "t.json").read_text()),
+               "dpo_1b": json.loads((tmp_path / "d.json").read_text()), "sampling": sampling, "lora_7b": None}
+    text = gpu_report.table(results, "10 passed", "a test device")
+    lines = text.splitlines()
+    assert lines[0] == "GPU report: a test device; test suite on the GPU: 10 passed"
+    assert f"| {results['sft_1b']['ratio_vs_hf']:.2f} |" in lines[4] and "MFU -" in lines[4]
+    assert f"| {results['dpo_1b']['ratio_vs_hf']:.2f} |" in lines[5]
+    assert "batch 1 | 300.0 tok/s | 200.0 tok/s | 1.50 |" in lines[6] and "batch 64" in lines[7]
+    assert "failed (see lora_7b.log)" in lines[8] and len(lines) == 9
+    assert gpu_report.suite_summary("...\n===== 650 passed, 1 skipped in 91.2s =====\n") == "650 passed, 1 skipped"

@@ -1,0 +1,109 @@
+"""The GPU report in one command: the test suite on the GPU and the GPU benchmarks, as one markdown table.
+
+    bash bench/gpu_report.sh [OUT_DIR]        (default: bench/gpu_report_out; the table is OUT_DIR/report.md)
+
+Whoever is lent a GPU runs it first: GPU figures are rare. On a machine without CUDA it says so in one line and
+exits 0. Each benchmark runs in its own process (an out-of-memory in one leaves the others standing) and writes
+JSON; the table is built from those files, and a benchmark that failed is a row saying so, not a missing row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BF16 = ["--device", "cuda", "--dtype", "bfloat16"]
+# name -> (what it measures, arguments of `python`); each benchmark also gets `--json OUT_DIR/<name>.json`.
+BENCHMARKS = {
+    "sft_1b": ("SFT step, LoRA r=16, 1B shape, 8 x 512 tokens, bf16 autocast",
+               ["bench/train.py", *BF16, "--shape", "1b", "--batch", "8", "--seq", "512", "--steps", "5"]),
+    "dpo_1b": ("DPO step, LoRA r=16, 1B shape, 4 pairs x 512 tokens, precomputed reference",
+               ["bench/dpo.py", *BF16, "--shape", "1b", "--batch", "4", "--seq", "512", "--steps", "5"]),
+    "sampling": ("greedy generation, 135M shape, 128 new tokens, batch 1 / 8 / 64",
+                 ["bench/sampling.py", *BF16, "--batch-sizes", "1", "8", "64"]),
+    "lora_7b": ("SFT step, LoRA r=16, 7B shape, 1 x 1024 tokens, gradient checkpointing (peak memory)",
+                ["bench/train.py", *BF16, "--shape", "7b", "--batch", "1", "--seq", "1024", "--steps", "2",
+                 "--gradient-checkpointing"]),
+}
+
+
+def run(argv: list[str], log: Path, timeout: int) -> tuple[int, float]:
+    """(exit code, seconds) of `python argv...`, its output kept in `log`."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run([sys.executable, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.perf_counter() - t0
+
+
+def suite_summary(log_text: str) -> str:
+    """pytest's closing counts ("650 passed, 1 skipped in 90s"), or what is known without them."""
+    found = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?) in [\d.]+s", log_text, re.M)
+    return found[-1] if found else "no pytest summary (see the log)"
+
+
+def _fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}{unit}"
+
+
+def rows(name: str, result: dict | None, what: str) -> list[str]:
+    """The table rows of one benchmark's JSON (None: it failed)."""
+    if result is None:
+        return [f"| {what} | failed (see {name}.log) | | | |"]
+    if name == "sampling":
+        out = []
+        for b in sorted({r["batch"] for r in result["rows"]}):
+            ours, hf = (next(r for r in result["rows"] if r["batch"] == b and r["impl"] == i)
+                        for i in ("ours", "transformers"))
+            out.append(f"| greedy generation, 135M shape, batch {b} | {_fmt(ours['new tok/s'], ' tok/s')} | "
+                       f"{_fmt(hf['new tok/s'], ' tok/s')} | {ours['new tok/s'] / hf['new tok/s']:.2f} | decode "
+                       f"{_fmt(ours['decode ms/step'], ' ms/step', 2)} vs floor {_fmt(ours['floor ms/step'], ' ms', 2)} |")
+        return out
+    ours, peer = result["rows"][0], result["rows"][-1]  # the ratio's numerator comes first, the peer last
+    extra = f"MFU {_fmt(ours['MFU %'], '%')}, peak {_fmt(ours['peak GiB'], ' GiB')} (peer {_fmt(peer['peak GiB'], ' GiB')})"
+    return [f"| {what} | {_fmt(ours['ms/step'], ' ms')} | {_fmt(peer['ms/step'], ' ms')} | "
+            f"{result['ratio_vs_hf']:.2f} | {extra} |"]
+
+
+def table(results: dict[str, dict | None], suite: str, device: str) -> str:
+    lines = [f"GPU report: {device}; test suite on the GPU: {suite}", "",
+             "| benchmark | ours | transformers (+peft) | ratio | notes |", "|---|---:|---:|---:|---|"]
+    for name, (what, _) in BENCHMARKS.items():
+        lines += rows(name, results.get(name), what)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_report: no CUDA device on this machine; nothing to measure (run it where a GPU is lent)")
+        return 0
+    out = Path((argv or sys.argv[1:] or [REPO / "bench" / "gpu_report_out"])[0])
+    out.mkdir(parents=True, exist_ok=True)
+    device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    rc, secs = run(["-m", "pytest", "-q", "-rs"], out / "tests.log", timeout=1800)
+    suite = suite_summary((out / "tests.log").read_text(errors="replace"))
+    print(f"tests: {suite} ({secs:.0f} s)", flush=True)
+    results: dict[str, dict | None] = {}
+    for name, (_, args) in BENCHMARKS.items():
+        path = out / f"{name}.json"
+        rc, secs = run([*args, "--json", str(path)], out / f"{name}.log", timeout=1200)
+        results[name] = json.loads(path.read_text()) if rc == 0 and path.exists() else None
+        print(f"{name}: {'ok' if results[name] else f'failed (exit {rc})'} ({secs:.0f} s)", flush=True)
+    report = table(results, suite, device)
+    (out / "report.md").write_text(report + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
