@@ -14,12 +14,20 @@ standard templates of each family:
   the first user turn, separated by a blank line, as later Mistral templates do.
 - plain   (no template, base models): turns separated by blank lines, assistant turns end with EOS.
 
-Rendered text contains special tokens as text (as transformers does) and is encoded without
+Only the chat template emits control tokens. Everything that comes from the user or a data set (message
+contents and roles, completions, raw prompts) is plain text: a special-token string in it (`<|im_end|>`,
+`<|start_header_id|>`, `</s>`, ...) is tokenized as the characters it is made of, as transformers does with
+`split_special_tokens=True`, so a prompt cannot open a turn of its own. The rendered conversation is kept as
+segments (template text, conversation text); `render_chat` joins them into the text transformers'
+`apply_chat_template` writes, and encoding marks the template's own control tokens and encodes the whole
+string in one call to a copy of the tokenizer that matches only those marks (see `_PlainTextEncoder`), so on
+text without special-token strings the ids are exactly those of the plain `tokenizers` encoding. Nothing adds
 automatic specials, so BOS appears exactly where the format puts it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -97,6 +105,66 @@ def _token_text(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+# (text, is_template): template text may hold control tokens; the conversation's own text is plain text.
+Segment = tuple[str, bool]
+# Supplementary Private Use Area-A: never in real text. It prefixes the template's control tokens while encoding.
+_MARK = "\U000F0000"
+
+
+def _strip(segments: list[Segment]) -> list[Segment]:
+    """`"".join(segments).strip()`, keeping the segments."""
+    out = list(segments)
+    for step in (1, -1):
+        order = range(len(out)) if step == 1 else range(len(out) - 1, -1, -1)
+        for i in order:
+            text, kind = out[i]
+            out[i] = (text.lstrip() if step == 1 else text.rstrip(), kind)
+            if out[i][0]:
+                break
+    return [seg for seg in out if seg[0]]
+
+
+class _PlainTextEncoder:
+    """Encodes rendered segments so that only the template's control tokens become control ids.
+
+    A copy of the tokenizer with `encode_special_tokens` set (the `tokenizers` switch behind transformers'
+    `split_special_tokens=True`) does not match special added tokens. In that copy every control token `t` gets
+    a twin, `_MARK + t`, added as a plain added token with `t`'s matching flags (lstrip/rstrip/normalized) and
+    mapped back to `t`'s id after encoding. Control tokens in template text are written as their twins; the
+    conversation's text is left as it is, so the special-token strings in it are plain text. The whole string
+    goes through `tokenizers` in one call: where the text has no special-token strings the split points, and so
+    the ids, are those of the ordinary encoding (a pre-tokenizer like Metaspace(prepend_scheme="first") sees the
+    same offsets, which encoding the pieces one by one would not give).
+
+    Control tokens are the special added tokens, plus the chat format's own tokens (`control`) where the
+    vocabulary has them as non-special added tokens. Other non-special added tokens stay recognised everywhere,
+    as in transformers.
+    """
+
+    def __init__(self, tok: tokenizers.Tokenizer, control: set[str]) -> None:
+        data = json.loads(tok.to_str())
+        for added in data.get("added_tokens") or []:
+            if added.get("content") in control:
+                added["special"] = True
+        self.tok = tokenizers.Tokenizer.from_str(json.dumps(data))
+        self.tok.encode_special_tokens = True
+        specials = {a.content: (i, a) for i, a in self.tok.get_added_tokens_decoder().items() if a.special}
+        self.tok.add_tokens([tokenizers.AddedToken(_MARK + t, special=False, normalized=a.normalized, lstrip=a.lstrip,
+                                                   rstrip=a.rstrip, single_word=a.single_word)
+                             for t, (_, a) in specials.items()])
+        self.unmark = {self.tok.token_to_id(_MARK + t): i for t, (i, _) in specials.items()}
+        longest_first = sorted(specials, key=len, reverse=True)
+        self.control_re = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
+        self.twin_re = re.compile(_MARK + f"(?:{self.control_re.pattern})")
+
+    def encode(self, segments: list[Segment]) -> list[int]:
+        if any(self.twin_re.search(text) for text, template in segments if not template):
+            fail("the text has U+F0000 before a special token, a private-use mark reserved for control tokens")
+        text = "".join(self.control_re.sub(lambda m: _MARK + m.group(0), text) if template else text
+                       for text, template in segments)
+        return [self.unmark.get(i, i) for i in self.tok.encode(text, add_special_tokens=False).ids]
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the model's special tokens and chat format."""
 
@@ -113,6 +181,10 @@ class Tokenizer:
         # Padding is masked out everywhere, so any id works; EOS is the usual choice when none is declared.
         self.pad_id = self.eos_id if pad is None else self._id(pad)
         self.stop_ids = list(dict.fromkeys([self.eot_id, self.eos_id, *extra_stop_ids]))
+        control = {t for t in (bos, eos, pad, self.eot_token) if t is not None}
+        control |= {"chatml": {"<|im_start|>"}, "llama3": {"<|begin_of_text|>", "<|start_header_id|>",
+                                                            "<|end_header_id|>"}}.get(chat_format, set())
+        self._plain = _PlainTextEncoder(tok, control)
 
     def _id(self, token: str) -> int:
         i = self.tok.token_to_id(token)
@@ -164,70 +236,109 @@ class Tokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens written in the text are recognised, none are added
-        unless `add_bos` (and then only if the text does not already start with BOS)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id] + ids
-        return ids
+        """Token ids of `text` as plain text: special-token strings in it are not control tokens (as
+        transformers' `split_special_tokens=True`). Nothing is added unless `add_bos`, which puts the BOS id
+        first (the text's own BOS string, if any, stays text)."""
+        ids = self._plain.encode([(text, False)])
+        return [self.bos_id] + ids if add_bos and self.bos_id is not None else ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat template writes it (special tokens as text)."""
+        """The conversation as the model's chat template writes it (control tokens as text)."""
+        return "".join(text for text, _ in self._segments(messages, add_generation_prompt))
+
+    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation: control ids where the template puts them, and the
+        messages' own text (roles and contents) as plain text."""
+        return self._plain.encode(self._segments(messages, add_generation_prompt))
+
+    def _segments(self, messages: Messages, add_generation_prompt: bool) -> list[Segment]:
+        """`render_chat` as (text, is_template) segments."""
         messages = as_messages(messages)
         bos = self.bos_token or ""
         fmt = self.chat_format
+        out: list[Segment] = []
+
+        def add(*segments: Segment) -> None:
+            out.extend(seg for seg in segments if seg[0])
+
+        def user(text: str) -> Segment:
+            return text, False
+
+        def template(text: str) -> Segment:
+            return text, True
+
         if fmt == "chatml":
             if self.system_prompt is not None and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": self.system_prompt}, *messages]
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        if fmt == "llama3":
-            text = bos + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}"
-                                 "<|eot_id|>" for m in messages)
-            return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
-        if fmt == "llama2":
+                add(template(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"))
+            for m in messages:
+                add(template("<|im_start|>"), user(m["role"]), template("\n"), user(m["content"]),
+                    template("<|im_end|>\n"))
+            if add_generation_prompt:
+                add(template("<|im_start|>assistant\n"))
+        elif fmt == "llama3":
+            add(template(bos))
+            for m in messages:
+                add(template("<|start_header_id|>"), user(m["role"]), template("<|end_header_id|>\n\n"),
+                    user(m["content"].strip()), template("<|eot_id|>"))
+            if add_generation_prompt:
+                add(template("<|start_header_id|>assistant<|end_header_id|>\n\n"))
+        elif fmt == "llama2":  # the prompt already ends where the answer starts
             system, turns = _alternating(fmt, messages)
-            text = ""
             for i, m in enumerate(turns):
-                content = m["content"]
+                content = [user(m["content"])]
                 if i == 0 and system is not None:
-                    content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
-                text += (f"{bos}[INST] {content.strip()} [/INST]" if m["role"] == "user"
-                         else f" {content.strip()} {self.eos_token}")
-            return text  # the prompt already ends where the answer starts
-        if fmt == "mistral":
+                    content = [template("<<SYS>>\n"), user(system), template("\n<</SYS>>\n\n"), *content]
+                if m["role"] == "user":
+                    add(template(f"{bos}[INST] "), *_strip(content), template(" [/INST]"))
+                else:
+                    add(template(" "), *_strip(content), template(f" {self.eos_token}"))
+        elif fmt == "mistral":
             system, turns = _alternating(fmt, messages)
-            if system is not None and turns:
-                turns = [{"role": "user", "content": f"{system}\n\n{turns[0]['content']}"}, *turns[1:]]
-            return bos + "".join(f"[INST] {m['content']} [/INST]" if m["role"] == "user"
-                                 else m["content"] + self.eos_token for m in turns)
-        text = bos if self.adds_bos else ""  # plain
-        return text + "".join(m["content"] + (self.eos_token if m["role"] == "assistant" else "\n\n") for m in messages)
-
-    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+            add(template(bos))
+            for i, m in enumerate(turns):
+                content = [user(m["content"])]
+                if i == 0 and system is not None:
+                    content = [user(system), template("\n\n"), *content]
+                if m["role"] == "user":
+                    add(template("[INST] "), *content, template(" [/INST]"))
+                else:
+                    add(*content, template(self.eos_token))
+        else:  # plain
+            add(template(bos if self.adds_bos else ""))
+            for m in messages:
+                add(user(m["content"]), template(self.eos_token if m["role"] == "assistant" else "\n\n"))
+        return out
 
     def encode_prompt_completion(self, messages: Messages, completion: str) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) for training on an assistant answer.
 
         The prompt is `encode_chat(messages)`; the completion is the answer as the template writes it,
-        then exactly one end-of-turn id. The answer is tokenized in context (after the prompt) so that
-        leading-space handling (sentencepiece) matches what the model produces when it generates; if the
-        boundary merges into one token, the answer is tokenized on its own.
+        then exactly one end-of-turn id. The answer is plain text like every message: special-token strings in
+        it, the end-of-turn string included, are encoded as the characters they are made of, never as control
+        ids, so the answer's only end-of-turn id is the template's. The answer is tokenized in context (after
+        the prompt) so that leading-space handling (sentencepiece) matches what the model produces when it
+        generates; if the boundary merges into one token, the answer is tokenized on its own.
         """
         messages = as_messages(messages)
-        if self.eot_token in completion:
-            fail(f"the completion contains the end-of-turn token {self.eot_token!r}")
-        prompt_text = self.render_chat(messages, add_generation_prompt=True)
-        answered = [*messages, {"role": "assistant", "content": completion}]
-        full = self.render_chat(answered, add_generation_prompt=False)
-        assert full.startswith(prompt_text), "chat rendering is not prefix-stable"
-        tail = full[len(prompt_text):]
-        body = tail[:tail.rindex(self.eot_token)]
-        prompt = self.encode(prompt_text)
-        in_context = self.encode(prompt_text + body)
-        answer = in_context[len(prompt):] if in_context[:len(prompt)] == prompt else self.encode(body)
+        prompt_segments = self._segments(messages, add_generation_prompt=True)
+        full = self._segments([*messages, {"role": "assistant", "content": completion}], add_generation_prompt=False)
+        prompt_text = "".join(text for text, _ in prompt_segments)
+        assert "".join(text for text, _ in full).startswith(prompt_text), "chat rendering is not prefix-stable"
+        # The answer's segments: after the prompt's text, up to the template's (last) end-of-turn token.
+        body: list[Segment] = []
+        pos = 0
+        for text, kind in full:
+            cut = text[max(0, len(prompt_text) - pos):]
+            pos += len(text)
+            if cut:
+                body.append((cut, kind))
+        last = max(i for i, (text, kind) in enumerate(body) if kind and self.eot_token in text)
+        text, kind = body[last]
+        body = body[:last] + [(text[:text.rindex(self.eot_token)], kind)]
+        prompt = self._plain.encode(prompt_segments)
+        in_context = self._plain.encode(prompt_segments + body)
+        answer = in_context[len(prompt):] if in_context[:len(prompt)] == prompt else self._plain.encode(body)
         return prompt, answer + [self.eot_id]

@@ -134,7 +134,6 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         sft_bad_json=write_text(d / "sft_bad_json.jsonl", json.dumps(good) + "\n\n" + '{"prompt": "x", "completion": \n'),
         sft_empty=write_text(d / "sft_empty.jsonl", "\n  \n"),
         sft_long_prompt=write_jsonl(d / "sft_long.jsonl", [good, good, {"prompt": "apples " * 60, "completion": "5"}]),
-        sft_eot=write_jsonl(d / "sft_eot.jsonl", [good, {"prompt": "Hi", "completion": "5<|im_end|> more"}]),
         sft_bad_content=write_jsonl(d / "sft_bad_content.jsonl", [good, good, {"messages": [
             {"role": "user", "content": 7}, {"role": "assistant", "content": "7"}]}]),
         pairs_empty=write_jsonl(d / "pairs_empty.jsonl", [
@@ -210,8 +209,6 @@ CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
     "sft_prompt_longer_than_max_len": lambda w: Case(
         SFT + ["--model", w.model, "--data", w.sft_long_prompt, "--max-len", "32", "--out", f"{w.out}/new"],
         w.sft_long_prompt, 3, "--max-len 32"),
-    "sft_completion_with_end_of_turn_token": lambda w: Case(
-        SFT + ["--model", w.model, "--data", w.sft_eot, "--out", f"{w.out}/new"], w.sft_eot, 2, "end-of-turn"),
     "sft_message_content_not_text": lambda w: Case(
         SFT + ["--model", w.model, "--data", w.sft_bad_content, "--out", f"{w.out}/new"], w.sft_bad_content, 3,
         "'content'"),
