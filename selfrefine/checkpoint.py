@@ -60,10 +60,25 @@ def load_config(model_dir: str | os.PathLike) -> ModelConfig:
         fail("unsupported use_sliding_window=true", path)
     try:
         cfg = ModelConfig.from_hf(hf)
-        inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    except ValueError as e:
-        fail(str(e), path)
+        inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        if not bool(torch.isfinite(inv_freq).all() and (inv_freq > 0).all()):
+            raise ValueError(f"rope_theta {cfg.rope_theta!r} / rope_scaling {cfg.rope_scaling!r} give non-finite "
+                             "rotary frequencies")
+    except (ValueError, TypeError, KeyError) as e:  # values out of range or of the wrong type (`ModelConfig`)
+        fail(str(e) if isinstance(e, ValueError) else f"bad value in config.json ({type(e).__name__}: {e})", path)
     return cfg
+
+
+def _shard_name(name: object, index: Path) -> str:
+    """A shard path from the index, kept inside the model directory: a model is that directory (its fingerprint
+    covers nothing else), so an index must not pull in a file elsewhere. Checked by name, not by resolving
+    links, because the Hugging Face cache links each shard to a blob outside the snapshot folder."""
+    if not isinstance(name, str) or not name:
+        fail(f"shard names in 'weight_map' must be non-empty strings, got {name!r}", index)
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or "\\" in name:
+        fail(f"shard {name!r} lies outside the model directory (shards must be named relative to it)", index)
+    return name
 
 
 def _shards(model_dir: Path) -> tuple[list[Path], Path]:
@@ -76,7 +91,7 @@ def _shards(model_dir: Path) -> tuple[list[Path], Path]:
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             fail("expected a non-empty 'weight_map' object", index)
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        files = [model_dir / _shard_name(name, index) for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
                 fail(f"shard listed in {INDEX} not found", f)
@@ -120,6 +135,8 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
             fail(f"unexpected tensor {name!r} (not part of a {cfg.architecture} with this config.json)", path)
         if tensor.shape != expected[name]:
             fail(f"tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name])}", path)
+        if not bool(torch.isfinite(tensor).all()):  # NaN weights would evaluate as a silent 0% accuracy
+            fail(f"tensor {name!r} has non-finite values (NaN or inf)", path)
         state[name] = tensor
     missing = [name for name in expected if name not in state]
     if missing:

@@ -24,6 +24,7 @@ from .data import as_messages
 from .errors import cli_main, fail
 from .fingerprint import model_digest, path_digest
 from .io import read_json, read_jsonl, write_json
+from .paths import check_outputs
 from .provenance import Stages
 from .recipes import dpo, eval as eval_recipe, sample, sft
 from .recipes.eval import compare_predictions, format_p
@@ -260,6 +261,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = substitute(cfg, {"data_dir": args.data_dir or "", "teacher": args.teacher or ""})
     if args.model:
         cfg["model"] = args.model
+    evals = [s for split in SPLITS for s in (cfg["eval"][split] if isinstance(cfg["eval"][split], list)
+                                             else [cfg["eval"][split]])]
+    check_outputs([("--model", cfg.get("model")), ("--teacher", cfg.get("teacher", {}).get("model")),
+                   ("train.data", cfg["train"].get("data")),
+                   *((f"eval data of {s['task']}", s.get("data")) for s in evals)],
+                  {"--out": args.out}, folders=["--out"], may_hold_inputs=True)  # before the first stage runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seed = args.seed if args.seed is not None else cfg.get("seed", 0)

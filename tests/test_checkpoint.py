@@ -216,3 +216,29 @@ def test_load_config_reads_llama3_rope_parameters(tmp_path):
     ours = load_config(tmp_path)
     assert ours.rope_theta == 500000.0 and ours.rope_scaling["rope_type"] == "llama3"
     assert ours.rope_scaling["original_max_position_embeddings"] == 16
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors", "ABS", 7, ""])
+def test_error_shard_outside_model_dir(broken, tmp_path_factory, shard):
+    """An index may only name files inside the model directory, even when the outside file is a valid shard."""
+    outside = tmp_path_factory.mktemp("elsewhere") / "outside.safetensors"
+    shutil.copy(broken / "model.safetensors", outside)
+    (broken / "model.safetensors").unlink()
+    shard = str(outside) if shard == "ABS" else shard
+    if isinstance(shard, str) and shard.startswith(".."):
+        shutil.copy(outside, broken.parent / "outside.safetensors")
+    index = broken / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    raises(broken, f"{index}: ", "shard")
+
+
+def test_shard_in_subfolder_and_linked_blob_load(broken, tmp_path_factory):
+    """Shards named relative to the model directory still load, also as links to blobs elsewhere (the HF cache)."""
+    blob = tmp_path_factory.mktemp("blobs") / "sha256-abc"
+    shutil.move(broken / "model.safetensors", blob)
+    (broken / "shards").mkdir()
+    (broken / "shards" / "model-00001-of-00001.safetensors").symlink_to(blob)
+    names = list(load_file(blob))
+    (broken / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "shards/model-00001-of-00001.safetensors" for n in names}}))
+    assert isinstance(load_model(broken), torch.nn.Module)
