@@ -46,6 +46,17 @@ class TrainConfig:
     precision: str = "auto"  # auto: bfloat16 autocast on CUDA (float16 + scaler without bf16); float32: none
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
+    def __post_init__(self) -> None:
+        """The command-line flags are checked when parsed (`selfrefine.flags`); this guards library callers."""
+        checks = {"lr": self.lr > 0, "epochs": self.epochs > 0, "max_steps": self.max_steps >= 0,
+                  "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1, "warmup": self.warmup >= 0,
+                  "weight_decay": self.weight_decay >= 0, "max_grad_norm": self.max_grad_norm > 0,
+                  "save_every": self.save_every >= 0}
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not ok or isinstance(value, bool) or not math.isfinite(value):
+                raise UserError(f"training setting {name} = {value!r} is out of range or not finite")
+
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint of the last finished step has been written."""
@@ -217,15 +228,30 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             *values, n_tokens, stopping, bad = distributed.all_reduce_sum(
                 [sums[n] for n in names] + [n_tokens, stop.set, bad])
             if bad:  # some rank met a non-finite loss: its gradients are NaN, the optimizer has not run yet
+                bar.close()
                 raise TrainingDiverged(out_dir, step, "loss")
             sums, n_tokens = dict(zip(names, values)), int(n_tokens)
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
             if not math.isfinite(grad_norm) and scaler is None:
+                bar.close()
                 raise TrainingDiverged(out_dir, step, "gradient")
-            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            before = _snapshot(params, optimizer)
+            try:
+                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+                overflow = False
+            except RuntimeError as e:  # an lr past float32's range: "cannot be converted ... without overflow"
+                if "overflow" not in str(e):
+                    raise
+                overflow = True  # a rank meeting it skips the rest of its step; all ranks still meet below
             optimizer.zero_grad(set_to_none=True)
+            (n_bad,) = distributed.all_reduce_sum([overflow or _count_non_finite(params)])
+            if n_bad:  # e.g. an overflowing lr: undo the step, so the weights in memory are the last good ones too
+                _restore(params, optimizer, before)
+                bar.close()
+                raise TrainingDiverged(out_dir, step, "update")
+            del before
             dt = time.perf_counter() - t0
             last = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                     "tokens_per_s": n_tokens / dt, "elapsed_s": time.perf_counter() - t_start}
@@ -245,11 +271,46 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     return last
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 shard: this rank's part
+
+
+def _snapshot(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
+    """Copies of the trainable parameters and the optimizer state, to undo a step that left non-finite weights
+    (cheap for LoRA; full fine-tuning pays one copy of weights + moments for the guarantee)."""
+    with torch.no_grad():
+        weights = [_local(p).clone() for p in params]
+    state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in optimizer.state.items()}
+    return weights, state
+
+
+def _restore(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, saved: tuple[list, dict]) -> None:
+    weights, state = saved
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            _local(p).copy_(w)
+    optimizer.state.clear()
+    optimizer.state.update(state)
+
+
+def _count_non_finite(params: list[torch.nn.Parameter]) -> int:
+    """How many trainable tensors hold a NaN or inf (one device sync for all of them)."""
+    if not params:
+        return 0
+    return int(torch.stack([~torch.isfinite(_local(p)).all() for p in params]).sum())
+
+
 class TrainingDiverged(UserError):
-    """A non-finite loss or gradient: stop before the optimizer writes NaN into the weights."""
+    """A non-finite loss or gradient (stopped before the optimizer writes NaN into the weights), or a non-finite
+    update (the step is undone). Exit code 3, told apart from bad input (2)."""
+
+    exit_code = 3
 
     def __init__(self, out_dir: Path, step: int, what: str) -> None:
         ckpt = out_dir / CHECKPOINT
         kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else "no checkpoint was written"
-        super().__init__(f"non-finite {what} at step {step + 1}; stopped before updating the weights, {kept} "
+        done = ("the update made weights non-finite and was undone" if what == "update"
+                else "stopped before updating the weights")
+        super().__init__(f"non-finite {what} at step {step + 1}; {done}, {kept} "
                          "(try a lower --lr or --max-grad-norm)", out_dir)
+        self.step = step + 1

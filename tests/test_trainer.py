@@ -90,6 +90,64 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path):
     assert all(torch.isfinite(p).all() for p in fresh.parameters())
 
 
+def test_non_finite_update_is_undone_and_checkpoint_stays_last_good(tmp_path: Path, monkeypatch):
+    """Loss and gradient finite, but the optimizer step writes NaN (as an overflowing lr does): the step is
+    undone (weights and optimizer moments equal the pre-step ones), nothing of it is logged or checkpointed,
+    and the run stops naming the step with exit code 3."""
+    import json
+
+    from selfrefine import trainer
+
+    seen: dict = {}
+
+    class NaNOnThirdStep(torch.optim.AdamW):
+        calls = 0
+
+        def step(self, closure=None):
+            NaNOnThirdStep.calls += 1
+            if NaNOnThirdStep.calls == 3:
+                seen["params"] = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+            out = super().step(closure)
+            if NaNOnThirdStep.calls == 3:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+            return out
+
+    monkeypatch.setattr(trainer, "make_optimizer", lambda params, cfg, device: NaNOnThirdStep(params, lr=cfg.lr))
+    model, data, collate, step = toy_problem()
+    cfg = TrainConfig(**{**CFG.__dict__, "save_every": 1})
+    with pytest.raises(TrainingDiverged, match=r"non-finite update at step 3; .*undone.*last good checkpoint") as e:
+        train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"))
+    assert e.value.exit_code == 3 and e.value.step == 3
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(p, q) for p, q in zip(params, seen["params"]))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2]
+    fresh, *_ = toy_problem()
+    opt = torch.optim.AdamW(fresh.parameters())
+    assert load_checkpoint(tmp_path, fresh, opt, None) == 2
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), seen["params"]))  # checkpoint = restored weights
+
+
+def test_infinite_lr_update_is_undone_at_first_step(tmp_path: Path):
+    model, data, collate, step = toy_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = TrainConfig(**{**CFG.__dict__, "warmup": 0})
+    cfg.lr = float("inf")  # past the config's own check, as a buggy schedule could be
+    with pytest.raises(TrainingDiverged, match=r"non-finite update at step 1.*no checkpoint was written"):
+        train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not (tmp_path / CHECKPOINT).exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("field,value", [("lr", float("nan")), ("lr", -1e-3), ("epochs", float("nan")),
+                                         ("weight_decay", float("nan")), ("max_grad_norm", -1.0),
+                                         ("max_grad_norm", float("nan")), ("batch_size", 0)])
+def test_train_config_refuses_out_of_range_values(field: str, value):
+    with pytest.raises(UserError, match=field):
+        TrainConfig(**{**CFG.__dict__, field: value})
+
+
 @pytest.mark.parametrize("crash_at", ["write", "fsync", "rename"])
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch, crash_at: str):
     """A kill at any point of the atomic write leaves the previous checkpoint loadable."""

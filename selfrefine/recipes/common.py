@@ -12,7 +12,8 @@ import torch
 from .. import distributed
 from ..checkpoint import load_model, save_model
 from ..errors import fail
-from ..lora import LoRAConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
+from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from ..lora import ADAPTER_WEIGHTS, LoRAConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
 from ..tokenizer import Tokenizer
 from ..trainer import Interrupted, TrainConfig
 
@@ -24,7 +25,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
                    + ("" if required else " (required unless --compare)"))
     p.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    p.add_argument("--device", default="auto", type=device_name, help="auto (cuda if available), cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
 
@@ -33,28 +34,29 @@ def add_training_args(p: argparse.ArgumentParser, lora_dropout: float = 0.05) ->
     g = p.add_argument_group("training (shared by train_sft.py and train_dpo.py)")
     g.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoint.pt, adapter/, merged/")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=float, default=32)
-    g.add_argument("--lora-dropout", type=float, default=lora_dropout)
+    g.add_argument("--lora-r", type=positive_int, default=16)
+    g.add_argument("--lora-alpha", type=positive_float, default=32)
+    g.add_argument("--lora-dropout", type=fraction, default=lora_dropout)
     g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--max-len", type=int, default=512, help="prompt + completion tokens")
-    g.add_argument("--warmup", type=int, default=10, help="linear warmup steps before the cosine decay")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (always at the end)")
+    g.add_argument("--epochs", type=positive_float, default=1.0)
+    g.add_argument("--max-steps", type=nonneg_int, default=0, help="optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--lr", type=positive_float, default=2e-4)
+    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch")
+    g.add_argument("--grad-accum", type=positive_int, default=1)
+    g.add_argument("--max-len", type=positive_int, default=512, help="prompt + completion tokens")
+    g.add_argument("--warmup", type=nonneg_int, default=10, help="linear warmup steps before the cosine decay")
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.0)
+    g.add_argument("--max-grad-norm", type=positive_float, default=1.0,
+                   help="clip the gradient norm to this (> 0)")
+    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.add_argument("--save-every", type=nonneg_int, default=0, help="checkpoint every K steps (always at the end)")
     g.add_argument("--precision", default="auto", choices=["auto", "float32"],
                    help="auto: bfloat16 autocast on CUDA (float16 + grad scaler without bf16), float32 on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--fsdp", action="store_true",
                    help="with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     g.add_argument("--merge", action="store_true", help="also write OUT/merged/, a full model directory")
-    g.add_argument("--val-fraction", type=float, default=0.0, help="held-out share of the data for a final val loss")
+    g.add_argument("--val-fraction", type=fraction, default=0.0, help="held-out share of the data for a final val loss")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     g.add_argument("--allow-config-change", action="store_true", help="resume even if the flags differ")
 
@@ -79,6 +81,8 @@ def pick_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if name.startswith("cuda") and distributed.launched():
         return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
@@ -97,8 +101,14 @@ def load(args: argparse.Namespace, training: bool = False) -> tuple[torch.nn.Mod
     distributed.init(device)
     model = load_model(args.model, dtype=pick_dtype(args.dtype, device, training), device=device)
     tok = Tokenizer.from_dir(args.model)
+    if tok.vocab_size > model.config.vocab_size:  # ids past the embedding table would crash (or read garbage on CUDA)
+        fail(f"tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
+             f"{model.config.vocab_size}: they belong to different models", Path(args.model) / "tokenizer.json")
     if args.adapter:
         load_adapter(model, args.adapter)
+        bad = next((n for n, p in model.named_parameters() if "lora_" in n and not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            fail(f"tensor {bad!r} has non-finite values (NaN or inf)", Path(args.adapter) / ADAPTER_WEIGHTS)
         if training:  # start the new stage from base+adapter as plain weights
             model = merge_and_unload(model)
     return model, tok, device

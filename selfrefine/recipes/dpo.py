@@ -14,9 +14,11 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..data import PairExample, as_messages, collate_pairs, encode_pair
 from ..errors import fail
+from ..flags import Parser, nonneg_float, positive_float, positive_int
 from ..fingerprint import code_version, digest, model_digest
 from ..io import read_jsonl, write_jsonl
 from ..lora import adapter_disabled
+from ..paths import check_outputs
 from ..losses import dpo_loss, packed_sequence_logps, scored_positions
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
 from ..runs import start_run
@@ -28,23 +30,24 @@ REF_CACHE = "reference_logps.jsonl"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_dpo.py", description=__doc__)
+    p = Parser(prog="train_dpo.py", description=__doc__)
     add_model_args(p)
     src = p.add_argument_group("pairs: --pairs, or --samples (+ --demos) to build them first")
     src.add_argument("--pairs", help='JSONL of {"prompt", "chosen", "rejected"} records')
     src.add_argument("--samples", help="sample.py output on the training questions (cot and direct)")
     src.add_argument("--demos", help="teacher demonstrations {id, prompt, completion}, chosen where the student has none")
     src.add_argument("--strategy", default="paper", choices=STRATEGIES)
-    src.add_argument("--pairs-per-question", type=int, default=1)
+    src.add_argument("--pairs-per-question", type=positive_int, default=1)
     src.add_argument("--keep-truncated", action="store_true",
                      help="reject samples cut at the token limit (encoded without an end-of-turn token) instead of "
                           "dropping them; they are never chosen")
     src.add_argument("--task", help="refuse a samples file of another task")
     d = p.add_argument_group("DPO")
-    d.add_argument("--beta", type=float, default=0.1)
+    d.add_argument("--beta", type=positive_float, default=0.1, help="> 0")
     d.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
-    d.add_argument("--label-smoothing", type=float, default=0.0, help="> 0 gives conservative DPO (sigmoid loss)")
-    d.add_argument("--nll-weight", type=float, default=0.0, help="weight of the NLL of the chosen answers (IRPO)")
+    d.add_argument("--label-smoothing", type=nonneg_float, default=0.0,
+                   help="in [0, 0.5); > 0 gives conservative DPO (sigmoid loss only)")
+    d.add_argument("--nll-weight", type=nonneg_float, default=0.0, help="weight of the NLL of the chosen answers (IRPO)")
     d.add_argument("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer")
     d.add_argument("--precompute-ref", action="store_true", help="score the reference once before training")
     add_training_args(p, lora_dropout=0.0)
@@ -173,7 +176,13 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Pair
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    check_outputs({"--model": args.model, "--adapter": args.adapter, "--pairs": args.pairs, "--samples": args.samples,
+                   "--demos": args.demos}, {"--out": args.out}, folders=["--out"])  # before anything loads
     check_training_args(args)
+    if args.label_smoothing >= 0.5:
+        fail(f"--label-smoothing must be in [0, 0.5) (0.5 makes chosen and rejected equal), got {args.label_smoothing}")
+    if args.label_smoothing and args.loss != "sigmoid":
+        fail(f"--label-smoothing applies to --loss sigmoid only, not {args.loss}")
     if args.lora_dropout and not args.full:
         fail("--lora-dropout must be 0 for DPO: policy and reference must score with the same network")
     out_dir = Path(args.out)
@@ -185,6 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
         pairs_path, built = out_dir / "pairs.jsonl", build_pairs_from_samples(args)
         records, skipped = [(None, r) for r in built], {"count": 0}
     pairs, cut = encode_pairs(tok, records, args.max_len, args.pairs or args.samples)
+    ctx = model.config.max_position_embeddings
+    if too_long := [line for (line, _), p in zip(records, pairs)
+                    if max(len(p.chosen.input_ids), len(p.rejected.input_ids)) > ctx]:
+        fail(f"{len(too_long)} pair(s) longer than the model's max_position_embeddings ({ctx} tokens; the first "
+             f"here): set --max-len {ctx} or less to cut them", args.pairs or args.samples, too_long[0])
     if warning := truncation_warning(cut, args.max_len):
         print(warning)
     if skipped["count"]:
@@ -194,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.full:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     lora = make_trainable(model, args)
-    start_run(out_dir, vars(args), args.resume, args.allow_config_change)  # after every check: no stray run.json
+    start_run(out_dir, vars(args), args.resume, args.allow_config_change,  # after every check: no stray run.json
+              inputs={"model": args.model, "adapter": args.adapter, "pairs": args.pairs, "samples": args.samples,
+                      "demos": args.demos})
     if built is not None:
         write_jsonl(pairs_path, built)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id

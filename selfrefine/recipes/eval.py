@@ -15,7 +15,9 @@ from pathlib import Path
 
 from .. import distributed
 from ..errors import fail
+from ..flags import Parser, nonneg_int, positive_int
 from ..io import read_jsonl, write_json, write_jsonl
+from ..paths import check_outputs
 from ..sampling import SamplingParams, generate, plan_batches
 from ..tasks import Example, Task, get_task, grade, render_prompt, wilson_interval
 from ..tasks.stats import PairedComparison, paired_comparison
@@ -25,19 +27,19 @@ EMBEDDED = ("arith", "arith_ood")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
+    p = Parser(prog="eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, required=False)  # --model, --task and --out: required unless --compare (check_args)
     p.add_argument("--task", action="append",
                    help="task name, repeatable; NAME=PATH gives its data file inline (required unless --compare)")
     p.add_argument("--data", action="append", default=[], help="data file(s), in the order of the tasks that need one")
     p.add_argument("--split", default="test", help="embedded tasks: train or test")
-    p.add_argument("--size", type=int, help="embedded tasks: number of generated questions")
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--limit", type=int, help="first N questions of each task")
+    p.add_argument("--size", type=positive_int, help="embedded tasks: number of generated questions")
+    p.add_argument("--data-seed", type=nonneg_int, default=0)
+    p.add_argument("--limit", type=positive_int, help="first N questions of each task")
     p.add_argument("--prompt", default="cot", choices=["cot", "direct"])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--out", help="report JSON; predictions go to OUT-stem.<task>.predictions.jsonl "
                                  "(required unless --compare)")
     p.add_argument("--no-progress", action="store_true")
@@ -196,6 +198,10 @@ def main(argv: list[str] | None = None) -> dict | list[tuple[str, PairedComparis
         for task, c in comparisons:
             print(comparison_line(task, c))
         return comparisons
+    out, specs = Path(args.out), task_data(args)  # outputs checked before any model loads or file is written
+    check_outputs([("--model", args.model), ("--adapter", args.adapter), *((f"--task {n} data", d) for n, d in specs)],
+                  [("--out", out), *((f"the predictions of --task {n}",
+                                      out.with_name(f"{out.stem}.{n}.predictions.jsonl")) for n, _ in specs)])
     data = [(load_task(name, path, args), path) for name, path in task_data(args)]  # all read before any output
     model, tok, _ = load(args)
     out = Path(args.out)

@@ -9,7 +9,10 @@ import torch
 
 from .. import distributed
 from ..data import encode_sft, pad_batch, read_sft
+from ..errors import fail
+from ..flags import Parser
 from ..io import append_jsonl
+from ..paths import check_outputs
 from ..losses import packed_sft_loss, scored_positions
 from ..runs import start_run
 from ..trainer import METRICS, train
@@ -18,7 +21,7 @@ from .common import (add_model_args, add_training_args, check_training_args, loa
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_sft.py", description=__doc__)
+    p = Parser(prog="train_sft.py", description=__doc__)
     add_model_args(p)
     p.add_argument("--data", required=True, help='JSONL of {"prompt", "completion"} or {"messages": [...]} records')
     add_training_args(p)
@@ -52,13 +55,22 @@ def mean_loss(model: torch.nn.Module, examples: list, pad_id: int, batch_size: i
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
+    check_outputs({"--model": args.model, "--adapter": args.adapter, "--data": args.data}, {"--out": args.out},
+                  folders=["--out"])  # before anything loads: the run folder must not hold or replace an input
     check_training_args(args)
     model, tok, device = load(args, training=True)
-    examples, n_trunc = encode_sft(tok, read_sft(args.data), args.max_len, args.data)
+    rows = read_sft(args.data)
+    examples, n_trunc = encode_sft(tok, rows, args.max_len, args.data)
+    ctx = model.config.max_position_embeddings  # past it the position embeddings are untrained: refuse, never cut
+    if too_long := [row[0] for row, ex in zip(rows, examples) if len(ex.input_ids) > ctx]:
+        fail(f"{len(too_long)} example(s) longer than the model's max_position_embeddings ({ctx} tokens; the first "
+             f"here): set --max-len {ctx} or less to cut them", args.data, too_long[0])
     if n_trunc:
         print(f"warning: {n_trunc} completion(s) cut at --max-len {args.max_len} (their end-of-turn token is lost)")
     lora = make_trainable(model, args)
-    out = start_run(args.out, vars(args), args.resume, args.allow_config_change)  # after the checks: no stray run
+    # After the checks: no stray run.
+    out = start_run(args.out, vars(args), args.resume, args.allow_config_change,
+                    inputs={"model": args.model, "adapter": args.adapter, "data": args.data})
     n_val = int(len(examples) * args.val_fraction)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(examples), generator=g).tolist()
