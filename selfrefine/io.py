@@ -68,6 +68,23 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def drop_torn_tail(path: str | os.PathLike) -> int:
+    """Cut an append-only log back to its last complete line; returns the bytes dropped.
+
+    `append_jsonl` writes whole lines ending in a newline, so a tail without one is what a kill or a full disk
+    left mid-write: it is dropped rather than read as bad JSON, or glued to the next append."""
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data) - keep
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -3,6 +3,7 @@ against mixing two runs in one folder or resuming with a different config."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 from . import distributed
 from .errors import fail
+from .fingerprint import path_digest
 from .io import read_json, write_json
 
 RUN_FILE = "run.json"
@@ -39,16 +41,26 @@ def versions() -> dict[str, str]:
     return found
 
 
-def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_config_change: bool = False) -> Path:
-    """Create or re-open OUT; refuse a folder holding something else, and a resume with another config.
+def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_config_change: bool = False,
+              inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """Create or re-open OUT; refuse a folder holding something else, a resume with another config, and a resume
+    whose input files (`inputs`: flag -> path) changed since the run started: recorded by content hash, since an
+    edit in place keeps the path and would mix old and new data (`--allow-config-change` does not override it).
 
     Under torchrun rank 0 checks and writes while the others wait (they would see its run.json as "another run")."""
     out = Path(out_dir)
     if not distributed.is_main():
         distributed.barrier()
         return out
+    paths = {k: v for k, v in (inputs or {}).items() if v is not None}
+    digests = {k: path_digest(v) for k, v in paths.items()}
     run_file = out / RUN_FILE
     if run_file.exists():
+        recorded = read_json(run_file).get("inputs", {}) if resume else {}
+        for k, d in digests.items():
+            if k in recorded and recorded[k] != d:
+                fail(f"--{k.replace('_', '-')} changed since this run started (its content hash differs); resuming "
+                     "would mix old and new data: start a new --out", paths[k])
         if not resume:
             fail("this folder holds another run: pass --resume to continue it, or choose a new --out", out)
         old = read_json(run_file).get("config", {})
@@ -61,11 +73,13 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
     elif out.exists() and any(out.iterdir()):
         fail("output folder is not empty and holds no run.json; choose a new --out", out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"config": config, "git_commit": git_commit(), "versions": versions(), "seed": config.get("seed"),
+    record = {"config": config, "inputs": digests, "git_commit": git_commit(), "versions": versions(),
+              "seed": config.get("seed"),
               "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if run_file.exists():
         prior = read_json(run_file)
-        record = {**prior, "config": config, "resumed": prior.get("resumed", []) + [record["started"]]}
+        record = {**prior, "config": config, "inputs": {**prior.get("inputs", {}), **digests},
+                  "resumed": prior.get("resumed", []) + [record["started"]]}
     write_json(run_file, record)
     distributed.barrier()
     return out

@@ -183,8 +183,7 @@ def test_sample_resume_merges_every_ranks_partial_file(model_dir: Path, tmp_path
 
     argv = ["--model", str(model_dir), *SAMPLE, "--out", str(tmp_path / "s.jsonl")]
     full = sample.main(argv)
-    header = {"_header": {k: v for k, v in vars(sample.parser().parse_args(argv)).items()
-                          if k not in ("resume", "no_progress", "batch_size")}}
+    header = {"_header": sample.partial_header(sample.parser().parse_args(argv))}
     n_q = 5
     rows = [{**r, "_q": i // 2 if r["prompt_type"] == "cot" else i - 2 * n_q} for i, r in enumerate(full)]
     for name, part in (("s.jsonl.partial", rows[0::2]), ("s.jsonl.partial.1", rows[1::2][:-1])):

@@ -11,7 +11,10 @@ from pathlib import Path
 
 from .. import distributed
 from ..errors import fail
-from ..io import append_jsonl, read_jsonl, write_jsonl
+from ..flags import Parser, nonneg_float, nonneg_int, positive_int, unit_interval
+from ..fingerprint import path_digest
+from ..io import append_jsonl, drop_torn_tail, read_jsonl, write_jsonl
+from ..paths import check_outputs
 from ..sampling import SamplingParams, generate, plan_batches
 from ..tasks import Example, demonstration, get_task, grade, render_prompt
 from .common import add_model_args, load
@@ -20,23 +23,23 @@ PROMPT_TYPES = {"cot": ("cot",), "direct": ("direct",), "both": ("cot", "direct"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__)
+    p = Parser(prog="sample.py", description=__doc__)
     add_model_args(p)
     p.add_argument("--task", required=True, help="a task name (see selfrefine.tasks), or raw for {id, prompt} JSONL")
     p.add_argument("--data", help="the task's data file (the embedded arith tasks need none)")
     p.add_argument("--split", default="test", help="embedded tasks: train or test")
-    p.add_argument("--size", type=int, help="embedded tasks: number of generated questions")
-    p.add_argument("--data-seed", type=int, default=0, help="embedded tasks: generator seed")
-    p.add_argument("--limit", type=int, help="first N questions only")
+    p.add_argument("--size", type=positive_int, help="embedded tasks: number of generated questions")
+    p.add_argument("--data-seed", type=nonneg_int, default=0, help="embedded tasks: generator seed")
+    p.add_argument("--limit", type=positive_int, help="first N questions only")
     p.add_argument("--prompt", default="cot", choices=list(PROMPT_TYPES), help="both = cot and direct samples")
-    p.add_argument("--n", type=int, default=1, help="samples per question (cot prompt)")
-    p.add_argument("--n-direct", type=int, default=1, help="samples per question for the direct prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, default=1, help="samples per question (cot prompt)")
+    p.add_argument("--n-direct", type=positive_int, default=1, help="samples per question for the direct prompt")
+    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=unit_interval, default=1.0, help="in (0, 1]; 1 = off")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--no-chat", action="store_true", help="plain text prompts, no chat template")
     p.add_argument("--out", required=True, help="samples JSONL (written atomically at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial, skipping finished batches")
@@ -91,11 +94,26 @@ def rationale_demos(questions: list[Question], kind: str) -> list[dict]:
 
 
 def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
-    """Finished samples of an interrupted run, keyed by (prompt type, question index, sample index)."""
+    """Finished samples of an interrupted run, keyed by (prompt type, question index, sample index); a line torn
+    by a kill or a full disk is dropped (and said), a changed input file or setting is refused by name."""
+    if torn := drop_torn_tail(path):
+        print(f"{path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
     rows = read_jsonl(path, allow_empty=True)
-    if not rows or rows[0][1].get("_header") != header:
+    old = rows[0][1].get("_header", {}) if rows else {}
+    for flag, digest in header["inputs"].items():
+        if old.get("inputs", {}).get(flag, digest) != digest:
+            fail(f"--{flag} changed since the partial samples were made (its content hash differs); delete the "
+                 "partial file or drop --resume", path, 1)
+    if old != header:
         fail("partial samples were made with other settings; delete the file or drop --resume", path, 1)
     return {(r["prompt_type"], r["_q"], r["sample"]): r for _, r in rows[1:]}
+
+
+def partial_header(args: argparse.Namespace) -> dict:
+    """What a partial file must have been made with to be resumed: the settings that change the samples, and
+    the input files by content hash."""
+    header = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "batch_size")}
+    return {**header, "inputs": {flag: path_digest(getattr(args, flag)) for flag in ("model", "adapter", "data")}}
 
 
 def partial_files(out: Path) -> tuple[Path, list[Path]]:
@@ -108,6 +126,10 @@ def partial_files(out: Path) -> tuple[Path, list[Path]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
+    demos = args.demos_out or (Path(args.out).with_name(Path(args.out).stem + ".demos.jsonl")
+                               if args.keep_correct else None)
+    check_outputs({"--model": args.model, "--adapter": args.adapter, "--data": args.data},  # before anything loads
+                  {"--out": args.out, "--out's partial file": f"{args.out}.partial", "--demos-out": demos})
     if args.demos_out and not args.keep_correct:
         fail("--demos-out goes with --keep-correct")
     if args.batch_size < 1:
@@ -127,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      args.data, q.line)
     out = Path(args.out)
     partial, partials = partial_files(out)
-    header = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "batch_size")}
+    header = partial_header(args)
     done = {key: r for p in partials for key, r in read_partial(p, header).items()} if args.resume else {}
     distributed.barrier()  # every rank has read the partial files before any rank rewrites one
     if not args.resume and distributed.is_main():
@@ -188,13 +210,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def rationales_main(argv: list[str] | None = None) -> list[dict]:
     """`sample.py --from-rationales`: demonstrations from the data's own rationales, no model needed."""
-    p = argparse.ArgumentParser(prog="sample.py --from-rationales")
+    p = Parser(prog="sample.py --from-rationales")
     for flag in ("--task", "--data", "--split", "--demos-out"):
         p.add_argument(flag, required=flag in ("--task", "--demos-out"))
-    p.add_argument("--size", type=int)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--limit", type=int)
+    p.add_argument("--size", type=positive_int)
+    p.add_argument("--data-seed", type=nonneg_int, default=0)
+    p.add_argument("--limit", type=positive_int)
     args = p.parse_args(argv)
+    check_outputs({"--data": args.data}, {"--demos-out": args.demos_out})
     args.split = args.split or "train"
     questions, kind = load_questions(args)
     demos = rationale_demos(questions, kind)
