@@ -44,6 +44,38 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class SlotCache:
+    """The continuous-batching sampler's cache: one row per decoding slot, each at its own length.
+
+    k, v: (layers, slots, kv_heads, max_len, head_dim). For each one-token decode forward over slots
+    0..B-1 the sampler sets `index` (B,), the slot each row's new key is written to (its length so far),
+    and `span`: keys 0..span-1 are returned; the caller's (B, 1, 1, span) mask hides each row's keys past
+    its own index (stale keys of a slot's earlier occupant, or nothing yet).
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+        self.max_len = k.shape[3]
+        self.length = 0  # advanced by the model after each forward; unused here
+        self.index: torch.Tensor | None = None
+        self.span = 0
+
+    @classmethod
+    def empty(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+              dtype: torch.dtype, device: torch.device | str) -> "SlotCache":
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = k.shape[0]
+        if k.shape[2] != 1 or self.index is None or self.index.shape != (B,):
+            raise ValueError("a slot cache takes one new token per row, at `index` (one entry per row)")
+        rows = torch.arange(B, device=k.device)
+        self.k[layer, :B][rows, :, self.index] = k[:, :, 0]  # a view: written in place
+        self.v[layer, :B][rows, :, self.index] = v[:, :, 0]
+        return self.k[layer, :B, :, :self.span], self.v[layer, :B, :, :self.span]
+
+
 def attention_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Boolean (B, 1, q_len, S) mask: causal over slots, padding keys hidden.
 

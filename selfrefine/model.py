@@ -6,6 +6,7 @@ so that checkpoints load and save without a renaming table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,8 +43,45 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, kept for saving
 
     def __post_init__(self) -> None:
+        """Refuse values this model cannot run with (`ValueError`, named as in config.json), so a bad config is one
+        line at load time instead of a crash or silent NaN later."""
+        hf_name = {ours: hf for hf, ours in self._HF_NAMES.items()}
+
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(f"{hf_name.get(name, name)} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings") + (("head_dim",) if self.head_dim is not None else ()):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not (is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v <= 0:
+                raise bad(name, "a finite number > 0")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise bad("rope_scaling", "an object or null")
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
+                raise bad(name, "an integer or null")
+        eos = self.eos_token_id
+        if eos is not None and not is_int(eos) and not (isinstance(eos, list) and all(is_int(i) for i in eos)):
+            raise bad("eos_token_id", "an integer, a list of integers or null")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                             f"({self.num_kv_heads})")
         if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                                 f"({self.num_heads}), or head_dim given")
             self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim % 2:
+            raise bad("head_dim", "even (rotary embeddings rotate pairs)")
 
     # Hugging Face config.json <-> ours. Qwen2 always has q/k/v bias; Llama says so in `attention_bias`.
     _HF_NAMES = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
@@ -144,7 +182,8 @@ class Transformer(nn.Module):
 
     - positions (B, T): RoPE positions; default 0..T-1 (or continuing after the cache).
     - key_mask (B, S): which key slots hold real tokens (S = cached + new); None = all real, and
-      without a cache the causal flash path of SDPA is used.
+      without a cache the causal flash path of SDPA is used. A (B, 1, T, S) boolean tensor is taken
+      as the attention mask itself (the sampler's per-row decode mask over a `SlotCache`).
     - cache: a KVCache from `new_cache`, filled in place and advanced by T.
     """
 
@@ -174,7 +213,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         past = cache.length if cache is not None else 0
         mask = None  # built once here, not in each layer
-        if key_mask is not None or (past and T > 1):
+        if key_mask is not None and key_mask.dim() == 4:  # a ready (B, 1, T, S) mask (the slot sampler's)
+            mask = key_mask
+        elif key_mask is not None or (past and T > 1):
             if key_mask is None:
                 key_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
             mask = attention_mask(key_mask, T)

@@ -1,24 +1,28 @@
-"""Batched autoregressive sampling over the model's preallocated KV cache.
+"""Continuous-batching autoregressive sampling over a preallocated per-slot KV cache.
 
-Prompts of different lengths share a batch by LEFT padding, so every row's next token sits in the
-same cache slot: one prefill forward for the whole batch, then one token per step. Rows that finish
-are dropped from the batch (their cache rows removed), so they cost nothing afterwards.
+A fixed number of decoding slots (`batch_size`), each row at its own length, RoPE position and key mask:
+one token per busy slot per step, in one forward. When a row finishes, its slot takes the next waiting
+(prompt, sample) at once; the waiting prompts are prefilled together, each prompt once for all its n
+samples (its keys/values copied into their slots). Nothing is padded or recomputed, no cache row moves.
 
-Determinism: rows are planned into batches from the prompt lengths alone, and each batch draws from
-its own generator seeded by (seed, batch index). The same seed gives the same samples, and running
-any subset of batches (sharding over processes) gives exactly the samples of a full run for those rows.
+Determinism: each (prompt, sample) row draws from its own generator seeded by (seed, prompt, sample), so
+the same seed gives the same samples at any slot count, and running any subset of rows (sharding over
+processes) gives exactly the samples of a full run for those rows. Stop strings are checked on the new
+text only (`StopScanner`).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from .attention import SlotCache
 from .errors import fail
 from .model import Transformer
 
@@ -33,6 +37,12 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k", "n"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                fail(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("temperature", "top_p"):
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                fail(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1:
             fail(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -90,18 +100,24 @@ def plan_batches(lengths: list[int], n: int, batch_size: int) -> list[list[tuple
     return [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
 
 
-def batch_generator(seed: int, batch: int, device: torch.device) -> torch.Generator:
-    """A generator for one batch, its seed mixed from (seed, batch) so batches draw independently."""
-    state = np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & (2**63 - 1))
+def row_rng(seed: int, prompt: int, sample: int) -> np.random.Generator:
+    """The generator of one (prompt, sample) row, its seed mixed from (seed, prompt, sample): a row draws the
+    same numbers whichever slot, step or process runs it."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, prompt, sample])))
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, g: torch.Generator) -> torch.Tensor:
-    """(B, V) float32 logits -> (B,) token ids: argmax when greedy, else a draw from the filtered distribution."""
+def next_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: list[float] | None) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) token ids: argmax when greedy, else inverse-CDF draws from the filtered
+    distribution, row b at its own uniform `uniforms[b]` in [0, 1) (so a row's token depends on its own
+    generator only, not on the rows beside it)."""
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=g).squeeze(1)
+    cdf = probs.double().cumsum(-1)
+    u = torch.tensor(uniforms, dtype=torch.float64, device=logits.device)[:, None] * cdf[:, -1:]
+    # The first token whose cumulative mass passes u: never a removed token (its mass adds nothing); the
+    # clamp to the last token with mass covers u * total rounding up to the total.
+    return torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(1), cdf.argmax(-1))
 
 
 def completion(ids: list[int], reason: str, decode: Callable[[list[int]], str] | None,
@@ -111,54 +127,146 @@ def completion(ids: list[int], reason: str, decode: Callable[[list[int]], str] |
     return Completion(ids, text[:min(cuts)] if cuts else text, reason)
 
 
-def generate_batch(model: Transformer, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int],
-                   decode: Callable[[list[int]], str] | None, g: torch.Generator) -> list[Completion]:
-    """Sample one completion per prompt (row) of one batch."""
+class StopScanner:
+    """Says, token by token, whether `decode(ids)` now contains a stop string, decoding only the last few tokens.
+
+    The text is tracked as committed text (up to token `read`, kept as its last max(len(stop)) - 1 characters)
+    plus the pending text after it, decoded with the tokens from `prefix` (one commit back) as context, so
+    decoders that strip a leading space or merge bytes into characters decode it as they would in the whole
+    completion; pending text ending in an unfinished character (U+FFFD) is rechecked, not committed, until
+    the character completes. Only text that overlaps the pending part can hold a new match.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: tuple[str, ...]) -> None:
+        self.decode, self.stops = decode, stop_strings
+        self.keep = max(map(len, stop_strings)) - 1
+        self.prefix = self.read = 0
+        self.tail = ""
+
+    def hit(self, ids: list[int]) -> bool:
+        """`ids`: the whole completion so far, one token longer than at the last call."""
+        before = self.decode(ids[self.prefix:self.read])
+        pending = self.decode(ids[self.prefix:])[len(before):]
+        window = self.tail + pending
+        if any(s in window for s in self.stops):
+            return True
+        if pending and not pending.endswith("\ufffd"):
+            self.tail = window[max(len(window) - self.keep, 0):]
+            self.prefix, self.read = self.read, len(ids)
+        return False
+
+
+@dataclass
+class _Row:
+    prompt: int
+    sample: int
+    budget: int  # new tokens allowed
+    rng: np.random.Generator | None
+    scanner: StopScanner | None
+    length: int = 0  # tokens in this row's cache slot
+    out: list[int] = field(default_factory=list)
+
+
+def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams,
+                  stop_ids: set[int], decode: Callable[[list[int]], str] | None, slots: int, seed: int,
+                  on_row: Callable[[tuple[int, int], Completion], None]) -> None:
+    """Continuous batching: `rows` ((prompt, sample), in this order) run through `slots` decoding slots.
+
+    Each step samples one token for every busy slot and feeds them in one forward over a `SlotCache`
+    (per-row write index, RoPE position and mask). A finished row is handed to `on_row` and its slot
+    refilled at once: the waiting rows' prompts are prefilled together (right-padded, plainly causal), each
+    prompt once for all its samples, and its keys/values copied into their slots (a prompt whose samples
+    do not all fit yet keeps its prefill until they do). Nothing is padded or recomputed, and no cache row
+    moves when a row finishes. Row (i, j) draws from `row_rng(seed, i, j)`, so its tokens do not depend
+    on `slots`, the order or the company of `rows`.
+    """
     ctx = model.config.max_position_embeddings
     device = model.model.embed_tokens.weight.device
-    B, L = len(prompts), max(map(len, prompts))
-    budgets = [min(params.max_new_tokens, ctx - len(p)) for p in prompts]  # a row never outgrows the context
-    slots = L + max(budgets) - 1  # the last token is sampled, never fed
-    pad = torch.tensor([L - len(p) for p in prompts], device=device)
-    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=device)
-    slot = torch.arange(slots, device=device)
-    # Padding keys are hidden; RoPE positions count from each row's first real token.
-    key_mask = slot[None] >= pad[:, None] if pad.any() else None
-    positions = (slot[None] - pad[:, None]).clamp(min=0)
-    cache = model.new_cache(B, slots)
-    hidden = model.hidden_states(ids, positions[:, :L], None if key_mask is None else key_mask[:, :L], cache)
-    logits = model.lm_head(hidden[:, -1])  # the last slot is every row's last prompt token
+    budget = {i: min(params.max_new_tokens, ctx - len(prompts[i])) for i, _ in rows}  # never outgrow the context
+    slots = min(slots, len(rows))
+    cfg = model.config
+    cache = SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads,
+                            max(len(prompts[i]) + budget[i] - 1 for i, _ in rows),  # the last token is never fed
+                            cfg.head_dim, model.model.embed_tokens.weight.dtype, device)
+    logits = torch.zeros(slots, cfg.vocab_size, device=device)  # row s: slot s's next-token logits
+    waiting = list(rows)
+    left = {}  # prompt -> its samples still waiting
+    for i, _ in rows:
+        left[i] = left.get(i, 0) + 1
+    stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # prompt -> (k, v, logits) of its prefill
+    busy: list[_Row | None] = [None] * slots
 
-    rows = list(range(B))  # batch row -> prompt row, shrinking as rows finish
-    out: list[list[int]] = [[] for _ in range(B)]
-    done: dict[int, Completion] = {}
-    for step in range(max(budgets)):
-        tokens = next_tokens(logits.float(), params, g)
-        keep = []
-        for k, (r, tok) in enumerate(zip(rows, tokens.tolist())):
-            if tok in stop_ids:
-                done[r] = completion(out[r], "stop", decode)
-                continue
-            out[r].append(tok)
-            # Re-decoding the whole completion: a stop string may span tokens, and bytes merge into characters.
-            if params.stop_strings and any(s in decode(out[r]) for s in params.stop_strings):
-                done[r] = completion(out[r], "stop", decode, params.stop_strings)
-            elif len(out[r]) == budgets[r]:
-                done[r] = completion(out[r], "length", decode)
-            else:
-                keep.append(k)
-        if not keep:
+    def admit() -> None:
+        free = [s for s in range(slots) if busy[s] is None]
+        take = waiting[:len(free)]
+        del waiting[:len(take)]
+        new = list(dict.fromkeys(i for i, _ in take if i not in stash))  # in the order they wait
+        if new:
+            lens = [len(prompts[i]) for i in new]
+            L = max(lens)
+            ids = torch.tensor([prompts[i] + [0] * (L - len(prompts[i])) for i in new], device=device)
+            tmp = model.new_cache(len(new), L)
+            positions = torch.arange(L, device=device).expand(len(new), L)
+            hidden = model.hidden_states(ids, positions, None, tmp)  # right padding: causal alone hides it
+            last = model.lm_head(hidden[torch.arange(len(new), device=device),
+                                        torch.tensor(lens, device=device) - 1]).float()
+            for r, (i, n) in enumerate(zip(new, lens)):
+                stash[i] = (tmp.k[:, r:r + 1, :, :n], tmp.v[:, r:r + 1, :, :n], last[r])
+        by_prompt: dict[int, list[int]] = {}
+        for s, (i, j) in zip(free, take):
+            by_prompt.setdefault(i, []).append(s)
+            busy[s] = _Row(i, j, budget[i], row_rng(seed, i, j) if params.temperature else None,
+                           StopScanner(decode, params.stop_strings) if params.stop_strings else None,
+                           length=len(prompts[i]))
+        for i, ss in by_prompt.items():
+            k, v, lg = stash[i]
+            idx, n = torch.tensor(ss, device=device), k.shape[3]
+            cache.k[:, idx, :, :n] = k  # one prefill, copied into every slot of its samples
+            cache.v[:, idx, :, :n] = v
+            logits[idx] = lg
+            left[i] -= len(ss)
+            if not left[i]:
+                del stash[i]
+            elif i in new:  # samples still wait: keep this prompt's prefill, not the whole prefill batch
+                stash[i] = (k.clone(), v.clone(), lg.clone())
+
+    admit()
+    while True:
+        active = [s for s in range(slots) if busy[s] is not None]
+        if not active:
             break
-        if len(keep) < len(rows):  # drop finished rows: they would cost a full row of compute every step
-            idx = torch.tensor(keep, device=device)
-            cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)
-            tokens, positions = tokens[idx], positions[idx]
-            key_mask = None if key_mask is None else key_mask[idx]
-            rows = [rows[k] for k in keep]
-        end = L + step + 1
-        logits = model(tokens[:, None], positions[:, end - 1:end],
-                       None if key_mask is None else key_mask[:, :end], cache)[:, -1]
-    return [done[r] for r in range(B)]  # every row ends by its budget at the latest
+        hi = active[-1] + 1
+        uniforms = [busy[s].rng.random() if busy[s] is not None else 0.0 for s in range(hi)] \
+            if params.temperature else None
+        tokens = next_tokens(logits[:hi], params, uniforms).tolist()
+        for s in active:
+            row, tok = busy[s], tokens[s]
+            if tok in stop_ids:
+                c = completion(row.out, "stop", decode)
+            else:
+                row.out.append(tok)
+                if row.scanner is not None and row.scanner.hit(row.out):
+                    c = completion(row.out, "stop", decode, params.stop_strings)
+                elif len(row.out) == row.budget:
+                    c = completion(row.out, "length", decode)
+                else:
+                    continue
+            busy[s] = None
+            on_row((row.prompt, row.sample), c)
+        fed = [s for s in active if busy[s] is not None]
+        if fed:  # one forward: every busy row's last token, at its own slot and position
+            hi = fed[-1] + 1
+            at = [busy[s].length if busy[s] is not None else 0 for s in range(hi)]  # a free slot writes at 0
+            index = torch.tensor(at, device=device)
+            cache.index, cache.span = index, max(at) + 1
+            mask = (torch.arange(cache.span, device=device)[None] <= index[:, None])[:, None, None]
+            ids = torch.tensor([tokens[s] if busy[s] is not None else 0 for s in range(hi)], device=device)
+            hidden = model.hidden_states(ids[:, None], index[:, None], mask, cache)
+            logits[:hi] = model.lm_head(hidden[:, -1]).float()
+            for s in fed:
+                busy[s].length += 1
+        if waiting:
+            admit()
 
 
 @torch.inference_mode()
@@ -169,9 +277,11 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
              ) -> list[list[Completion | None]]:
     """`params.n` completions for each prompt (token ids, no padding): result[prompt][sample].
 
-    `batches` runs only those batch indices of `plan_batches` (the other entries stay None) and gives
-    the same samples for those rows as a full run; `on_batch(rows, completions)` sees each batch as it
-    finishes. A prompt that leaves no room in the context raises UserError naming its index.
+    Runs `generate_rows` with `batch_size` decoding slots. `plan_batches` groups the rows into batches of
+    `batch_size` for bookkeeping only: `batches` runs only the rows of those batch indices (the other entries
+    stay None), and `on_batch(rows, completions)` sees each batch once all its rows are done. Row (i, j)'s
+    sample depends only on (seed, i, j): the same for any `batch_size`, subset of batches or process.
+    A prompt that leaves no room in the context raises UserError naming its index.
     """
     if params.stop_strings and decode is None:
         raise ValueError("stop_strings need a decode function")
@@ -187,18 +297,25 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     for b in todo:
         if not 0 <= b < len(plan):
             fail(f"batch index {b} out of range: the plan has {len(plan)} batches")
-    device = model.model.embed_tokens.weight.device
     results: list[list[Completion | None]] = [[None] * params.n for _ in prompts]
+    rows = [row for b in todo for row in plan[b]]
+    batch_of = {row: b for b in todo for row in plan[b]}
+    unfinished = {b: len(plan[b]) for b in todo}
     new_tokens, start = 0, time.perf_counter()
-    bar = tqdm(todo, desc="sampling", unit="batch", disable=not progress)
-    for b in bar:
-        rows = plan[b]
-        completions = generate_batch(model, [prompts[i] for i, _ in rows], params, set(stop_ids), decode,
-                                     batch_generator(seed, b, device))
-        for (i, j), c in zip(rows, completions):
-            results[i][j] = c
-        new_tokens += sum(len(c.token_ids) for c in completions)
-        bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} new tok/s")
-        if on_batch is not None:
-            on_batch(rows, completions)
+    bar = tqdm(total=len(rows), desc="sampling", unit="sample", disable=not progress)
+
+    def on_row(row: tuple[int, int], c: Completion) -> None:
+        nonlocal new_tokens
+        results[row[0]][row[1]] = c
+        new_tokens += len(c.token_ids)
+        bar.update(1)
+        bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - start):.1f} new tok/s", refresh=False)
+        b = batch_of[row]
+        unfinished[b] -= 1
+        if not unfinished[b] and on_batch is not None:
+            on_batch(plan[b], [results[i][j] for i, j in plan[b]])
+
+    if rows:
+        generate_rows(model, prompts, rows, params, set(stop_ids), decode, batch_size, seed, on_row)
+    bar.close()
     return results

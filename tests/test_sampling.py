@@ -8,7 +8,8 @@ import torch
 
 from selfrefine.errors import UserError
 from selfrefine.model import ModelConfig, Transformer
-from selfrefine.sampling import SamplingParams, filter_logits, generate, plan_batches
+from selfrefine.sampling import (Completion, SamplingParams, StopScanner, filter_logits, generate, generate_rows,
+                                 plan_batches)
 
 VOCAB = 32
 
@@ -74,22 +75,26 @@ def test_prompt_in_mixed_batch_equals_prompt_alone(model):
         assert batched[i][0] == alone
 
 
-def test_positions_count_from_first_real_token(model, monkeypatch):
+def test_positions_and_masks_per_slot(model, monkeypatch):
     """RoPE is shift-invariant, so outputs cannot show wrong positions; they matter for the context limit."""
     calls = []
     inner = model.hidden_states
 
     def spy(ids, positions=None, key_mask=None, cache=None):
-        calls.append((positions.clone(), None if key_mask is None else key_mask.clone()))
+        calls.append((ids.clone(), positions.clone(), None if key_mask is None else key_mask.clone()))
         return inner(ids, positions, key_mask, cache)
 
     monkeypatch.setattr(model, "hidden_states", spy)
-    generate(model, prompts_of([2, 4]), SamplingParams(max_new_tokens=3), stop_ids=[], progress=False)
-    (pos0, mask0), (pos1, mask1), (pos2, mask2) = calls
-    # The plan puts the longer prompt first; the shorter one is left-padded by 2.
-    assert pos0.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]] and mask0.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    prompts = prompts_of([2, 4])
+    generate(model, prompts, SamplingParams(max_new_tokens=3), stop_ids=[], progress=False)
+    (ids0, pos0, mask0), (_, pos1, mask1), (_, pos2, mask2) = calls
+    # One prefill, right-padded and plainly causal (no mask); the plan puts the longer prompt in slot 0.
+    assert ids0.tolist() == [prompts[1], prompts[0] + [0, 0]] and mask0 is None
+    assert pos0.tolist() == [[0, 1, 2, 3]] * 2
+    # Decode steps: each slot at its own position, seeing its own keys only.
     assert pos1.tolist() == [[4], [2]] and pos2.tolist() == [[5], [3]]
-    assert mask2.tolist() == [[1] * 6, [0, 0, 1, 1, 1, 1]]
+    assert mask1[:, 0, 0].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert mask2[:, 0, 0].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
 
 
 def test_plan_batches_sorted_longest_first_with_n_rows_per_prompt():
@@ -115,7 +120,7 @@ def test_seeds_and_subsets_of_batches(model):
     for i in range(len(prompts)):
         for j in range(3):
             assert part[i][j] == (a[i][j] if (i, j) in ran else None)
-    assert [rows for rows, _ in seen] == plan
+    assert sorted(rows for rows, _ in seen) == sorted(plan)  # each batch once, when its last row is done
     assert all(a[i][j] == c for rows, cs in seen for (i, j), c in zip(rows, cs))
     with pytest.raises(UserError, match="batch index 5 out of range"):
         generate(model, prompts, params, batches=[5], **kw)
@@ -214,3 +219,125 @@ def test_packaged_smollm2_greedy_matches_recomputation(smollm2_dir):
         ref = greedy_by_recomputation(model, p, 16, tok.stop_ids)
         assert c.token_ids == ref
         assert c.text == tok.decode(ref) and c.text.strip()
+
+
+# ---- continuous batching: slots, shared prefill, per-row generators, incremental stop strings ----------------
+
+@torch.no_grad()
+def reference(model: Transformer, prompt: list[int], max_new: int, stop_ids=(), decode=None, stops=()) -> Completion:
+    """The old sampler's rules on full recomputation: a stop id ends the row (not kept); after each kept token the
+    WHOLE completion is re-decoded and searched for the stop strings; the text is cut before the first one."""
+    seq, out = list(prompt), []
+    for _ in range(min(max_new, model.config.max_position_embeddings - len(prompt))):
+        tok = int(model(torch.tensor([seq]))[0, -1].argmax())
+        if tok in stop_ids:
+            return Completion(out, decode(out) if decode else "", "stop")
+        seq.append(tok)
+        out.append(tok)
+        if stops and any(s in decode(out) for s in stops):
+            text = decode(out)
+            return Completion(out, text[:min(i for i in (text.find(s) for s in stops) if i >= 0)], "stop")
+    return Completion(out, decode(out) if decode else "", "length")
+
+
+@pytest.mark.parametrize("slots", [1, 3, 64])
+@pytest.mark.parametrize("stop_ids,with_strings", [([], False), ([3, 7, 11], False), ([], True), ([3, 7], True)])
+def test_greedy_continuous_batching_matches_recomputation(model, slots, stop_ids, with_strings):
+    prompts = prompts_of(LENGTHS)
+    stops = ()
+    if with_strings:  # two-letter strings from three prompts' free continuations: rows stop at different steps
+        free = [reference(model, prompts[i], 16) for i in (0, 2, 5)]
+        stops = tuple(decode_letters(c.token_ids[k:k + 2]) for c, k in zip(free, (3, 6, 9)))
+    params = SamplingParams(max_new_tokens=16, n=2, stop_strings=stops)
+    res = generate(model, prompts, params, stop_ids=stop_ids, decode=decode_letters, batch_size=slots, progress=False)
+    lengths = set()
+    for p, cs in zip(prompts, res):
+        ref = reference(model, p, 16, stop_ids, decode_letters, stops)
+        assert cs == [ref, ref]
+        lengths.add(len(ref.token_ids))
+    if stop_ids or stops:
+        assert len(lengths) >= 4  # rows finished at different steps: slots were refilled mid-run
+
+
+@pytest.mark.parametrize("slots", [4, 64])
+def test_sampled_rows_do_not_depend_on_slot_count(model, slots):
+    prompts = prompts_of(LENGTHS[:7])
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.95, n=3, stop_strings=("ab",))
+    kw = dict(stop_ids=[3], decode=decode_letters, seed=5, progress=False)
+    one = generate(model, prompts, params, batch_size=1, **kw)
+    assert generate(model, prompts, params, batch_size=slots, **kw) == one
+    assert len({len(c.token_ids) for r in one for c in r}) > 2 and len({tuple(c.token_ids) for c in one[0]}) > 1
+
+
+def test_shared_prefill_equals_separate_prefills(model, monkeypatch):
+    """n samples of a prompt: one prefill (kept while its samples wait for slots), the same samples as
+    each (prompt, sample) row run alone with its own prefill."""
+    prompts = prompts_of([7, 3, 12])
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=10, n=5)
+    prefilled = []
+    inner = model.hidden_states
+
+    def spy(ids, positions=None, key_mask=None, cache=None):
+        if key_mask is None:  # a prefill
+            prefilled.append(ids.shape[0])
+        return inner(ids, positions, key_mask, cache)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    for slots in (2, 7, 64):
+        prefilled.clear()
+        shared = generate(model, prompts, params, stop_ids=[4], batch_size=slots, seed=3, progress=False)
+        assert sum(prefilled) == len(prompts)  # every prompt prefilled exactly once
+        for i in range(len(prompts)):
+            for j in range(params.n):
+                alone = {}
+                with torch.inference_mode():
+                    generate_rows(model, prompts, [(i, j)], params, {4}, None, 1, 3, alone.__setitem__)
+                assert alone == {(i, j): shared[i][j]}
+    assert len({tuple(c.token_ids) for c in shared[0]}) > 1
+
+
+def test_stop_scanner_matches_full_decoding():
+    """Byte-level BPE with random ids (partial UTF-8 bytes included): the scanner fires at the same token as
+    searching the whole re-decoded completion, for stop strings taken from the decoded text."""
+    from tokenizers import Tokenizer
+
+    from helpers import tiny_tokenizer_json
+
+    tok = Tokenizer.from_str(tiny_tokenizer_json())
+
+    def decode(ids):
+        return tok.decode(ids, skip_special_tokens=True)
+
+    g = torch.Generator().manual_seed(0)
+    V, checked = tok.get_vocab_size(), 0
+    byte_ids = [tok.token_to_id(c) for c in "ÃĤ"]  # bytes 0xC3 / 0xA4 of the byte-level alphabet: 'ä' = C3 A4
+    for trial in range(300):
+        ids = torch.randint(0, V, (40,), generator=g).tolist()
+        if trial % 3 == 0:  # multi-byte characters split across tokens
+            for k in range(3, 40, 7):
+                ids[k:k + 2] = byte_ids
+        text = decode(ids)
+        a = int(torch.randint(0, max(len(text) - 4, 1), (1,), generator=g))
+        stops = (text[a:a + 1 + trial % 4], "zzqq\u00e4")
+        first = next((k for k in range(1, 41) if any(s in decode(ids[:k]) for s in stops)), None)
+        scanner = StopScanner(decode, stops)
+        got = next((k for k in range(1, 41) if scanner.hit(ids[:k])), None)
+        assert got == first, (ids, stops)
+        checked += first is not None
+    assert checked > 250
+
+
+def test_packaged_smollm2_continuous_batching_with_stop_strings(smollm2_dir):
+    from selfrefine.checkpoint import load_model
+    from selfrefine.tokenizer import Tokenizer
+
+    model, tok = load_model(smollm2_dir).eval(), Tokenizer.from_dir(smollm2_dir)
+    questions = ["What is 7 times 8?", "Name a primary colour.", "Hi",
+                 "If I have 3 apples and eat one, how many are left? Think step by step."]
+    prompts = [tok.encode_chat(q) for q in questions]
+    stops = ("\n", ". ")
+    params = SamplingParams(max_new_tokens=16, stop_strings=stops)
+    res = generate(model, prompts, params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=2, progress=False)
+    for p, (c,) in zip(prompts, res):
+        assert c == reference(model, p, 16, tok.stop_ids, tok.decode, stops)
+    assert any(c.finish_reason == "stop" and c.text != tok.decode(c.token_ids) for (c,) in res)  # a string hit
