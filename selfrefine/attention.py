@@ -63,8 +63,8 @@ class SlotCache:
     @classmethod
     def empty(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
               dtype: torch.dtype, device: torch.device | str) -> "SlotCache":
-        shape = (layers, slots, kv_heads, max_len, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        full = KVCache.empty(layers, slots, kv_heads, max_len, head_dim, dtype, device)
+        return cls(full.k, full.v)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = k.shape[0]

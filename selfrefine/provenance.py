@@ -9,6 +9,8 @@ run a stage is
             from its checkpoint, an interrupted sampling stage from its partial file),
   redone    otherwise: its old outputs are removed first, and since its fingerprint changed, so do the
             fingerprints of everything downstream, which is redone in turn.
+Outputs with no record are not the pipeline's (a user's folder that happens to be named `sft`): they are never
+removed, the run stops instead, `--force` or not.
 A changed seed thus redoes the seeded stages and what depends on them, not the base model's evaluation.
 """
 
@@ -25,12 +27,10 @@ from .fingerprint import code_version, digest
 from .io import read_json, write_json
 
 
-def _why(old: dict | None, new: dict, force: bool) -> str:
+def _why(old: dict, new: dict, force: bool) -> str:
     """One phrase saying why a stage is redone."""
     if force:
         return "--force"
-    if old is None:
-        return "no record of how its outputs were made"
     for part in ("options", "inputs"):
         for k in sorted(set(old[part]) | set(new[part])):
             if old[part].get(k) != new[part].get(k):
@@ -79,7 +79,10 @@ class Stages:
         if same:
             print(f"[{name}] resuming its interrupted run ({fp})", flush=True)
         else:
-            if old is not None or any(p.exists() for p in outputs):
+            if old is None and any(p.exists() for p in outputs):  # not ours to delete, whatever --force says
+                fail(f"[{name}] {next(p for p in outputs if p.exists())} exists but was not made by this pipeline "
+                     f"(no {record_path}): move it away or choose another --out")
+            if old is not None:
                 print(f"[{name}] {_why(old, new, self.force)}: redoing it and what depends on it", flush=True)
             for p in outputs:
                 self._remove(p)

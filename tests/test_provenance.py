@@ -65,7 +65,6 @@ def test_interrupted_stage_resumes_without_removing_its_outputs(tmp_path: Path, 
     calls: list[str] = []
     fn, target = make(tmp_path, calls, fail_first=True)
     partial = tmp_path / "a.txt.partial"
-    partial.write_text("half")
     with pytest.raises(KeyboardInterrupt):
         Stages(tmp_path).run("a", fn, outputs=[target, partial], options={}, inputs={})
     partial.write_text("half, kept")
@@ -74,12 +73,14 @@ def test_interrupted_stage_resumes_without_removing_its_outputs(tmp_path: Path, 
     assert partial.read_text() == "half, kept" and calls == ["a", "a"]
 
 
-def test_outputs_without_a_record_are_redone(tmp_path: Path, capsys):
+@pytest.mark.parametrize("force", [False, True])
+def test_outputs_without_a_record_are_never_removed(tmp_path: Path, force: bool):
     calls: list[str] = []
     fn, target = make(tmp_path, calls)
-    target.write_text("from an older version")
-    Stages(tmp_path).run("a", fn, outputs=[target], options={}, inputs={})
-    assert "no record of how its outputs were made" in capsys.readouterr().out and target.read_text() == "made"
+    target.write_text("the user's own file")
+    with pytest.raises(UserError, match="exists but was not made by this pipeline"):
+        Stages(tmp_path, force=force).run("a", fn, outputs=[target], options={}, inputs={})
+    assert target.read_text() == "the user's own file" and calls == []
 
 
 @pytest.mark.parametrize("where", ["outside", "input"])
@@ -88,6 +89,7 @@ def test_never_removes_outside_the_run_folder_or_an_input(tmp_path: Path, where:
     victim = tmp_path / "elsewhere.txt" if where == "outside" else run / "model" / "weights.bin"
     victim.parent.mkdir(parents=True, exist_ok=True)
     victim.write_text("precious")
+    Stages(run).run("a", lambda: None, outputs=[], options={}, inputs={})  # a record: the stage is the pipeline's
     st = Stages(run, force=True, protected=(run / "model",))
     target = victim if where == "outside" else victim.parent
     with pytest.raises(UserError, match="refusing to remove"):
