@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import UserError
-from .io import append_jsonl, atomic_write, write_jsonl
+from .io import append_jsonl, atomic_write, drop_torn_tail, write_jsonl
 from .schedule import MicroBatchOrder, cosine_lr, total_steps
 
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
@@ -149,8 +149,11 @@ def load_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.opti
 
 
 def _trim_metrics(out_dir: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again; step 0 when
+    there is no checkpoint yet), and a last line torn by a kill mid-append."""
     path = out_dir / METRICS
+    if torn := drop_torn_tail(path):
+        print(f"{path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
     if path.exists():
         lines = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
         write_jsonl(path, [r for r in lines if r.get("step", 0) <= step])
@@ -181,8 +184,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     start = 0
     if resume and (out_dir / CHECKPOINT).exists():
         start = load_checkpoint(out_dir, model, optimizer, scaler)
-        if distributed.is_main():
-            _trim_metrics(out_dir, start)
+    if resume and distributed.is_main():
+        _trim_metrics(out_dir, start)
     total = total_steps(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     order = MicroBatchOrder(len(examples), cfg.batch_size * world, cfg.seed)
     model.train()

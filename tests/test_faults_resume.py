@@ -68,3 +68,21 @@ def test_sample_resume_drops_a_torn_line_and_refuses_an_edited_data_file(model: 
     partial.write_text("".join(json.dumps(r) + "\n" for r in [{"_header": header}, *done]))
     write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": f"Say {i + 1}."} for i in range(4)])
     one_line_error(run(*args, "--resume"), partial, "--data changed since the partial samples were made")
+
+
+def test_sft_resume_drops_a_torn_metrics_line_and_never_logs_a_step_twice(model: Path, tmp_path: Path):
+    data, out = demos(tmp_path / "d.jsonl", 8), tmp_path / "run"
+    args = ["train_sft.py", "--model", str(model), "--data", data, "--out", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--max-len", "64", "--lora-r", "2"]
+    assert run(*args).returncode == 0
+    metrics = out / "metrics.jsonl"
+    logged = metrics.read_text()
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "lo')  # a kill during an append
+    r = run(*args, "--resume")
+    assert r.returncode == 0 and "dropped a torn last line" in r.stdout, r.stderr
+    assert metrics.read_text() == logged
+    (out / "checkpoint.pt").unlink()  # a kill before the first checkpoint: the run starts over from step 0
+    r = run(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
