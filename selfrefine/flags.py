@@ -41,12 +41,10 @@ def _checked(kind: type, ok: Callable[[float], bool], what: str, name: str) -> C
     return parse
 
 
-finite_float = _checked(float, lambda v: True, "a finite number", "finite_float")
 positive_float = _checked(float, lambda v: v > 0, "a finite number > 0", "positive_float")
 nonneg_float = _checked(float, lambda v: v >= 0, "a finite number >= 0", "nonneg_float")
 fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "fraction")
 unit_interval = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "unit_interval")
-any_int = _checked(int, lambda v: True, "an integer", "any_int")
 positive_int = _checked(int, lambda v: v >= 1, ">= 1", "positive_int")  # not an integer: "expected an integer"
 nonneg_int = _checked(int, lambda v: v >= 0, ">= 0", "nonneg_int")
 

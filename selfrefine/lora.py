@@ -286,6 +286,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
             fail(f"tensor {key!r} is missing", path)
         if tuple(tensors[key].shape) != shape:
             fail(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, the model needs {shape}", path)
+        if not bool(torch.isfinite(tensors[key]).all()):  # as `load_model` refuses NaN weights
+            fail(f"tensor {key!r} has non-finite values (NaN or inf)", path)
     inject_lora(model, cfg)
     with torch.no_grad():
         for name, m in _lora_modules(model):

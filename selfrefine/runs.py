@@ -55,15 +55,17 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
     paths = {k: v for k, v in (inputs or {}).items() if v is not None}
     digests = {k: path_digest(v) for k, v in paths.items()}
     run_file = out / RUN_FILE
-    if run_file.exists():
-        recorded = read_json(run_file).get("inputs", {}) if resume else {}
-        for k, d in digests.items():
-            if k in recorded and recorded[k] != d:
-                fail(f"--{k.replace('_', '-')} changed since this run started (its content hash differs); resuming "
-                     "would mix old and new data: start a new --out", paths[k])
-        if not resume:
+    prior = read_json(run_file) if run_file.exists() else None
+    if prior is not None:
+        if resume:
+            recorded = prior.get("inputs", {})
+            for k, d in digests.items():
+                if k in recorded and recorded[k] != d:
+                    fail(f"--{k.replace('_', '-')} changed since this run started (its content hash differs); "
+                         "resuming would mix old and new data: start a new --out", paths[k])
+        else:
             fail("this folder holds another run: pass --resume to continue it, or choose a new --out", out)
-        old = read_json(run_file).get("config", {})
+        old = prior.get("config", {})
         changed = sorted(k for k in set(old) | set(config)
                          if k not in NEUTRAL_KEYS and old.get(k) != config.get(k))
         if changed and not allow_config_change:
@@ -76,8 +78,7 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
     record = {"config": config, "inputs": digests, "git_commit": git_commit(), "versions": versions(),
               "seed": config.get("seed"),
               "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if run_file.exists():
-        prior = read_json(run_file)
+    if prior is not None:
         record = {**prior, "config": config, "inputs": {**prior.get("inputs", {}), **digests},
                   "resumed": prior.get("resumed", []) + [record["started"]]}
     write_json(run_file, record)

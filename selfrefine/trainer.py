@@ -193,8 +193,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
         model.gradient_checkpointing = cfg.gradient_checkpointing
     last: dict[str, float] = {}
     t_start = time.perf_counter()
-    bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, disable=not distributed.is_main())
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                                   disable=not distributed.is_main()) as bar:  # closed on every way out
         for step in range(start, total):
             t0 = time.perf_counter()
             lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
@@ -231,14 +231,12 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             *values, n_tokens, stopping, bad = distributed.all_reduce_sum(
                 [sums[n] for n in names] + [n_tokens, stop.set, bad])
             if bad:  # some rank met a non-finite loss: its gradients are NaN, the optimizer has not run yet
-                bar.close()
                 raise TrainingDiverged(out_dir, step, "loss")
             sums, n_tokens = dict(zip(names, values)), int(n_tokens)
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
             if not math.isfinite(grad_norm) and scaler is None:
-                bar.close()
                 raise TrainingDiverged(out_dir, step, "gradient")
             before = _snapshot(params, optimizer)
             try:
@@ -252,7 +250,6 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             (n_bad,) = distributed.all_reduce_sum([overflow or _count_non_finite(params)])
             if n_bad:  # e.g. an overflowing lr: undo the step, so the weights in memory are the last good ones too
                 _restore(params, optimizer, before)
-                bar.close()
                 raise TrainingDiverged(out_dir, step, "update")
             del before
             dt = time.perf_counter() - t0
@@ -266,9 +263,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out_dir, model, optimizer, step + 1, scaler)
             if stopping and not done:
-                bar.close()
                 raise Interrupted(step + 1)
-    bar.close()
     if start >= total:
         print(f"{desc}: already at step {start} of {total}; nothing to train")
     return last

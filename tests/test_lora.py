@@ -256,6 +256,8 @@ BROKEN = {
     "unknown tensor": (lambda f: _edit_weights(f, lambda t: t.update({KEY.replace("v_proj", "x_proj"): t[KEY].clone()})),
                        "adapter_model.safetensors: tensor '.*x_proj.lora_B.weight' matches no LoRA target"),
     "missing tensor": (lambda f: _edit_weights(f, lambda t: t.pop(KEY)), f"tensor '{KEY}' is missing"),
+    "NaN tensor": (lambda f: _edit_weights(f, lambda t: t[KEY].fill_(float("nan"))),
+                   f"adapter_model.safetensors: tensor '{KEY}' has non-finite values"),
     "missing file": (lambda f: (f / "adapter_model.safetensors").unlink(), "safetensors: file not found"),
     "corrupt file": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x07garbage"), "cannot read"),
     "missing config": (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json: file not found"),

@@ -13,7 +13,7 @@ from .. import distributed
 from ..checkpoint import load_model, save_model
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
-from ..lora import ADAPTER_WEIGHTS, LoRAConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
+from ..lora import LoRAConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
 from ..tokenizer import Tokenizer
 from ..trainer import Interrupted, TrainConfig
 
@@ -106,9 +106,6 @@ def load(args: argparse.Namespace, training: bool = False) -> tuple[torch.nn.Mod
              f"{model.config.vocab_size}: they belong to different models", Path(args.model) / "tokenizer.json")
     if args.adapter:
         load_adapter(model, args.adapter)
-        bad = next((n for n, p in model.named_parameters() if "lora_" in n and not bool(torch.isfinite(p).all())), None)
-        if bad is not None:
-            fail(f"tensor {bad!r} has non-finite values (NaN or inf)", Path(args.adapter) / ADAPTER_WEIGHTS)
         if training:  # start the new stage from base+adapter as plain weights
             model = merge_and_unload(model)
     return model, tok, device
