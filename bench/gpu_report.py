@@ -1,6 +1,9 @@
 """The GPU report in one command: the test suite on the GPU and the GPU benchmarks, as one markdown table.
 
-    bash bench/gpu_report.sh [OUT_DIR]        (default: bench/gpu_report_out; the table is OUT_DIR/report.md)
+    bash bench/gpu_report.sh [OUT_DIR] [--only tests,sft_1b,...]   (default OUT_DIR: bench/gpu_report_out)
+
+The table is OUT_DIR/report.md. `--only` runs some parts and builds the table from every result already in
+OUT_DIR, so a report can be gathered over several shorter runs on a machine whose calls are time-limited.
 
 Whoever is lent a GPU runs it first: GPU figures are rare. On a machine without CUDA it says so in one line and
 exits 0. Each benchmark runs in its own process (an out-of-memory in one leaves the others standing) and writes
@@ -82,28 +85,42 @@ def table(results: dict[str, dict | None], suite: str, device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     import torch
 
     if not torch.cuda.is_available():
         print("gpu_report: no CUDA device on this machine; nothing to measure (run it where a GPU is lent)")
         return 0
-    out = Path((argv or sys.argv[1:] or [REPO / "bench" / "gpu_report_out"])[0])
+    ap = argparse.ArgumentParser(description="The GPU report: the test suite and the GPU benchmarks.")
+    ap.add_argument("out", nargs="?", type=Path, default=REPO / "bench" / "gpu_report_out")
+    ap.add_argument("--only", default=",".join(["tests", *BENCHMARKS]),
+                    help="comma-separated parts to run (tests and/or benchmark names); the others are read "
+                         "from OUT_DIR if an earlier run left them there")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    unknown = only - {"tests", *BENCHMARKS}
+    if unknown:
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; known: tests, {', '.join(BENCHMARKS)}")
+    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    rc, secs = run(["-m", "pytest", "-q", "-rs"], out / "tests.log", timeout=1800)
-    suite = suite_summary((out / "tests.log").read_text(errors="replace"))
-    print(f"tests: {suite} ({secs:.0f} s)", flush=True)
-    results: dict[str, dict | None] = {}
-    for name, (_, args) in BENCHMARKS.items():
-        path = out / f"{name}.json"
-        rc, secs = run([*args, "--json", str(path)], out / f"{name}.log", timeout=1200)
-        results[name] = json.loads(path.read_text()) if rc == 0 and path.exists() else None
-        print(f"{name}: {'ok' if results[name] else f'failed (exit {rc})'} ({secs:.0f} s)", flush=True)
+    if "tests" in only:
+        rc, secs = run(["-m", "pytest", "-q", "-rs"], out / "tests.log", timeout=1800)
+        print(f"tests: {suite_summary((out / 'tests.log').read_text(errors='replace'))} ({secs:.0f} s)", flush=True)
+    for name, (_, bench_args) in BENCHMARKS.items():
+        if name in only:
+            (out / f"{name}.json").unlink(missing_ok=True)
+            rc, secs = run([*bench_args, "--json", str(out / f"{name}.json")], out / f"{name}.log", timeout=1200)
+            print(f"{name}: {'ok' if rc == 0 else f'failed (exit {rc})'} ({secs:.0f} s)", flush=True)
+    tests_log = out / "tests.log"
+    suite = suite_summary(tests_log.read_text(errors="replace")) if tests_log.exists() else "not run"
+    results = {name: json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else None
+               for name in BENCHMARKS}
     report = table(results, suite, device)
     (out / "report.md").write_text(report + "\n")
     print(report)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

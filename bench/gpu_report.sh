@@ -4,4 +4,4 @@
 # Without CUDA it prints one line and exits 0. See bench/gpu_report.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python bench/gpu_report.py "$@"
+exec python3 bench/gpu_report.py "$@"

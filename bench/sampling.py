@@ -9,7 +9,11 @@ least-disturbed run on a shared machine. The decode step time, (t(new) - t(1)) /
 beside its bandwidth floor: bytes of weights + KV cache read per step / memory bandwidth.
 Last line: `ratio_vs_hf=X.XX` (our tokens/s over theirs at batch 8).
 
-    python bench/sampling.py --quick
+Then the two real workloads of `bench/workloads.py` (self-refine sampling and greedy evaluation on the
+packaged SmolLM2), each with its own `workload NAME: ratio_vs_hf=X.XX` line (best transformers time over ours).
+
+    python bench/sampling.py --quick                      (micro-run only)
+    python bench/sampling.py --workloads selfrefine eval  (the real workloads only)
     python bench/sampling.py --device cuda --dtype bfloat16 --json sampling.json
 """
 
@@ -26,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/sa
 
 import torch
 
+from bench import workloads
 from bench.common import DTYPES, SHAPES, random_model, report, sync
+from bench.workloads import WORKLOADS
 from selfrefine.checkpoint import load_model, save_model
+from selfrefine.io import write_json
 from selfrefine.model import ModelConfig
 from selfrefine.sampling import SamplingParams, generate
 
@@ -100,14 +107,27 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the floor (default: measured memcpy)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workloads", nargs="+", choices=["micro", *WORKLOADS],
+                   help="what to run (default: all; micro only with --quick)")
+    p.add_argument("--slots", type=int, default=64, help="our decoding slots in the real workloads")
+    p.add_argument("--questions", type=int, default=64, help="arith training questions of the selfrefine workload")
+    p.add_argument("--eval-questions", type=int, default=100, help="arith test questions of the eval workload")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    args.workloads = args.workloads or (["micro"] if args.quick else ["micro", *WORKLOADS])
     args.device = torch.device(args.device)
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     args.repeats = args.repeats or (1 if args.quick else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.batch_sizes or ([1, 8, 32, 64] if args.device.type == "cuda" else [1, 8, 32])
+    extra: dict = {}
+    if any(w in WORKLOADS for w in args.workloads):
+        extra = real_workloads(args)
+    if "micro" not in args.workloads:
+        if args.json:
+            write_json(args.json, {"config": {k: str(v) for k, v in vars(args).items()}, **extra})
+        return extra["workload_ratios"][args.workloads[-1]]
     if RATIO_BATCH not in sizes or args.new_tokens < 2:
         raise SystemExit(f"error: batch size {RATIO_BATCH} and --new-tokens >= 2 are needed for the ratio")
 
@@ -150,8 +170,23 @@ def main(argv: list[str] | None = None) -> float:
     title = (f"greedy generation, 135m shape, {args.new_tokens} new tokens, prompts 16-80 tokens, {args.dtype}, "
              f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}; "
              f"floor at {bandwidth / 1e9:.1f} GB/s")
-    report(title, rows, args, {"bandwidth_gbs": bandwidth / 1e9}, ratio)
+    report(title, rows, args, {"bandwidth_gbs": bandwidth / 1e9, **extra}, ratio)
     return ratio
+
+
+def real_workloads(args: argparse.Namespace) -> dict:
+    """Runs bench/workloads.py's workloads, prints their table and ratio lines; the part of the JSON they fill."""
+    rows, ratios, ceiling = workloads.run(args.device, DTYPES[args.dtype], args.slots, args.questions,
+                                          args.eval_questions, [w for w in args.workloads if w in WORKLOADS])
+    cols = list(rows[0])
+    print(f"\n### real workloads, packaged SmolLM2-135M-Instruct, {args.dtype}, {args.device}, "
+          f"{torch.get_num_threads()} threads; matmul ceiling {ceiling:.0f} GFLOP/s\n")
+    print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    for name, ratio in ratios.items():
+        print(f"workload {name}: ratio_vs_hf={ratio:.2f}")
+    return {"workloads": rows, "workload_ratios": ratios, "matmul_ceiling_gflops": ceiling}
 
 
 if __name__ == "__main__":

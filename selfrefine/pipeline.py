@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import seeds
 from .data import as_messages
 from .errors import cli_main, fail
 from .fingerprint import model_digest, path_digest
@@ -34,6 +35,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.json
 ROWS = ("base", "sft", "self_refine")
 SPLITS = ("in_domain", "out_of_domain")
 COMPARISONS = {"sft_vs_base": ("base", "sft"), "self_refine_vs_sft": ("sft", "self_refine")}  # name: (A, B)
+NAMES = {"base": "base", "sft": "SFT", "self_refine": "SFT+self-refine"}
 CELL_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate", "predictions")
 
 
@@ -208,10 +210,9 @@ def _diff(c: dict[str, Any]) -> str:
 def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any]) -> str:
     """Per split and task: each model's accuracy [95% CI], the paired differences (points) with their 95% CI
     and exact McNemar p; then each model's no-answer and truncation rates."""
-    names = {"base": "base", "sft": "SFT", "self_refine": "SFT+self-refine"}
-    lines = ["| split | task | n | " + " | ".join(names[r] for r in ROWS) + " | SFT - base | SFT+self-refine - SFT |",
+    lines = ["| split | task | n | " + " | ".join(NAMES[r] for r in ROWS) + " | SFT - base | SFT+self-refine - SFT |",
              "|---|---|---:|" + "---|" * (len(ROWS) + 2)]
-    rates = ["| split | task | " + " | ".join(f"{names[r]}: no answer / cut" for r in ROWS) + " |",
+    rates = ["| split | task | " + " | ".join(f"{NAMES[r]}: no answer / cut" for r in ROWS) + " |",
              "|---|---|" + "---|" * len(ROWS)]
     for split in SPLITS:
         for task, first in rows[ROWS[0]][split].items():
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--seeds", type=seed_list, help="comma-separated seeds (e.g. 0,1,2): each runs into OUT/seedS, "
+                   "then OUT/report.json gives every cell's mean and spread and the paired tests pooled over seeds")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--model", help="student model directory (instead of converting the packaged SmolLM2)")
     p.add_argument("--data-dir", help="fills {data_dir} in the config's paths")
@@ -269,8 +272,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   {"--out": args.out}, folders=["--out"], may_hold_inputs=True)  # before the first stage runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
-    return Pipeline(cfg, out, seed, args.force).run()
+    if args.seeds is None:
+        seed = args.seed if args.seed is not None else cfg.get("seed", 0)
+        return Pipeline(cfg, out, seed, args.force).run()
+    if args.seed is not None:
+        fail("give --seed or --seeds, not both")
+    reports = {s: Pipeline(cfg, path, s, args.force).run() for s, path in seeds.seed_dirs(out, args.seeds).items()}
+    summary = seeds.across_seeds(reports, COMPARISONS)
+    write_json(out / "report.json", {**summary, "per_seed": {s: str(d / "report.json")
+                                                              for s, d in seeds.seed_dirs(out, args.seeds).items()},
+                                     "total_seconds": round(sum(r["total_seconds"] for r in reports.values()), 1)})
+    print(seeds.markdown(summary, NAMES, COMPARISONS))
+    print(f"report across seeds -> {out / 'report.json'}")
+    return summary
+
+
+def seed_list(text: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2]: distinct integers, at least one."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
+    return values
 
 
 if __name__ == "__main__":

@@ -147,8 +147,8 @@ def read_predictions(path: str | Path) -> dict[str, dict[str, bool]]:
     return out
 
 
-def compare_predictions(path_a: str | Path, path_b: str | Path) -> list[tuple[str, PairedComparison]]:
-    """B against A on each task, in A's task order, questions matched by id (never by position).
+def paired_answers(path_a: str | Path, path_b: str | Path) -> dict[str, tuple[list[bool], list[bool]]]:
+    """{task: (A's correct flags, B's correct flags)}, questions matched by id (never by position), in A's order.
 
     Both files must hold the same tasks and, per task, the same question ids; otherwise a one-line UserError
     against B names the first task or id that differs ("missing" from B, or "not in" A)."""
@@ -159,7 +159,7 @@ def compare_predictions(path_a: str | Path, path_b: str | Path) -> list[tuple[st
     for task in b:
         if task not in a:
             fail(f"task {task} is not in {path_a}", path_b)
-    results = []
+    pairs = {}
     for task, answers_a in a.items():
         answers_b = b[task]
         missing = [q for q in answers_a if q not in answers_b]
@@ -169,9 +169,13 @@ def compare_predictions(path_a: str | Path, path_b: str | Path) -> list[tuple[st
                     else f"question id {extra[0]!r} is not in {path_a}")
             more = len(missing) + len(extra) - 1
             fail(f"task {task}: {what}" + (f"; {more} more ids differ" if more else ""), path_b)
-        ids = list(answers_a)
-        results.append((task, paired_comparison([answers_a[q] for q in ids], [answers_b[q] for q in ids])))
-    return results
+        pairs[task] = ([answers_a[q] for q in answers_a], [answers_b[q] for q in answers_a])
+    return pairs
+
+
+def compare_predictions(path_a: str | Path, path_b: str | Path) -> list[tuple[str, PairedComparison]]:
+    """B against A on each task (see `paired_answers`)."""
+    return [(task, paired_comparison(*ab)) for task, ab in paired_answers(path_a, path_b).items()]
 
 
 def format_p(p: float) -> str:

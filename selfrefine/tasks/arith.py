@@ -3,12 +3,18 @@
 The teacher stands in for the paper's LLM teacher: for each problem it writes a short, correct step-by-step
 rationale (one operation per line) ending in "The answer is N.", stored in `Example.rationale`.
 `arith` (in-domain): one person's collection of objects -- buy, give away, share equally -- in 2-3 operations.
-`arith_ood` (out-of-domain): a shop's stock, other wording and operations (boxes delivered, sales, returns,
-revenue, packing) in 3-4 operations. Numbers stay small; division is always exact.
+`arith_ood` (out-of-domain): the same reasoning (a count changed 2-3 times, small numbers) told with other
+objects, verbs and question forms than `arith`: packs, finding, losing, using, being given (an
+addition worded like the in-domain subtraction "gives"), equal piles, "end up with". What transfers is
+the skill, not the surface: that is what makes it out of domain. Other settings and question forms (a bus's
+passengers, "N more than", money spent), 1-2 operations, and openings other than "X has N ..." were tried
+first on the "dev" split: the seed-0 SFT demo student scored about 5% on the first two and 2-6% on those
+openings, out of reach for a 135M model, so they would tell nothing about transfer. Its "dev" split (disjoint from "test") is
+for calibrating choices; "test" is only for reporting.
 
 Determinism: `random.Random` seeded with a string (hashed with SHA-512, independent of PYTHONHASHSEED).
 Disjoint splits for every size and seed: a question belongs to "test" iff CRC32(question) % 5 == 0, so the
-train and test generators can never produce the same question.
+train (arith) or dev (arith_ood) generator can never produce a test question.
 """
 
 from __future__ import annotations
@@ -27,11 +33,8 @@ _PEOPLE = (
     ("Ella", "she"), ("Noah", "he"), ("Ruby", "she"), ("Finn", "he"),
 )
 _OBJECTS = ("apples", "pencils", "stickers", "marbles", "cookies", "cards", "shells", "stamps", "balloons", "books")
-_SHOPS = (
-    ("bakery", "muffins"), ("bookshop", "notebooks"), ("florist", "roses"), ("toy shop", "toy cars"),
-    ("fruit stall", "oranges"), ("sweet shop", "lollipops"),
-)
-DEFAULT_SIZE = {"train": 1000, "test": 200}
+_OOD_OBJECTS = ("coins", "buttons", "beads", "crayons", "postcards", "pebbles", "badges", "ribbons", "nuts", "tokens")
+DEFAULT_SIZE = {"train": 1000, "dev": 200, "test": 200}
 
 Problem = tuple[str, list[str], int]  # question, rationale lines, answer
 
@@ -76,57 +79,51 @@ def _collection(rng: random.Random, n_ops: int) -> Problem | None:
     return " ".join(q), steps, x
 
 
-def _shop(rng: random.Random, n_ops: int) -> Problem | None:
-    """Out-of-domain: a shop's stock changes through the day; then its revenue, bag count, or what is left."""
-    place, item = rng.choice(_SHOPS)
-    final = rng.choice(("price", "bags", "left"))
-    budget = n_ops - (final != "left")
-    x = rng.randint(10, 40)
-    q, steps = [f"A {place} starts the day with {x} {item}."], []
-    while budget > 0:
-        op = rng.choice(("delivery", "sale", "customer", "return") if budget >= 2 else ("sale", "customer", "return"))
-        b = rng.randint(2, 12)
-        if op == "delivery":
-            k, c = rng.randint(2, 4), rng.randint(3, 10)
-            q.append(f"A delivery brings {k} boxes with {c} {item} in each.")
-            steps += [f"The delivery has {k} * {c} = {k * c}.", f"Now there are {x} + {k * c} = {x + k * c}."]
-            x, budget = x + k * c, budget - 2
-            continue
-        if op == "return":
-            q.append(f"Later, {b} {item} are brought back.")
-            steps.append(f"With {b} brought back: {x} + {b} = {x + b}.")
-            x, budget = x + b, budget - 1
-            continue
-        if b >= x:
-            return None
-        if op == "sale":
-            q.append(f"By noon it has sold {b} of them.")
-            steps.append(f"After selling {b}: {x} - {b} = {x - b}.")
+def _reworded(rng: random.Random, n_ops: int) -> Problem | None:
+    """Out-of-domain: the in-domain reasoning (a count changed 2-3 times) told in words and with objects and
+    question forms the student never trains on -- packs instead of bags, finding, losing, using, being given
+    (an addition worded like the in-domain subtraction "gives"), equal piles or boxes instead of friends."""
+    (name, pron), (friend, _) = rng.sample(_PEOPLE, 2)
+    obj, subj = rng.choice(_OOD_OBJECTS), pron.capitalize()
+    them = "her" if pron == "she" else "him"
+    packs, split = rng.random() < 0.5, rng.random() < 0.5
+    q: list[str] = []
+    steps: list[str] = []
+    if packs:
+        k, b = rng.randint(2, 5), rng.randint(2, 10)
+        x = k * b
+        q.append(f"{name} gets {k} packs with {b} {obj} in each pack.")
+        steps.append(f"{k} packs of {b}: {k} * {b} = {x} {obj}.")
+    else:
+        x = rng.randint(5, 30)
+        q.append(f"{name} has {x} {obj}.")
+    for _ in range(n_ops - packs - split):
+        b = rng.randint(1, 10)
+        if rng.random() < 0.5:
+            q.append(rng.choice((f"{subj} finds {b} more.", f"{friend} gives {them} {b} {obj}.")))
+            steps.append(f"With {b} more: {x} + {b} = {x + b}.")
+            x += b
         else:
-            name = rng.choice(_PEOPLE)[0]
-            q.append(f"{name} buys {b} {item}.")
-            steps.append(f"After {name} buys {b}: {x} - {b} = {x - b}.")
-        x, budget = x - b, budget - 1
-    if final == "price":
-        p = rng.randint(2, 5)
-        q.append(f"If it sells all of them at ${p} each, how many dollars does it get?")
-        steps.append(f"{x} {item} at ${p} each give {x} * {p} = {x * p}.")
-        x *= p
-    elif final == "bags":
+            if b >= x:
+                return None
+            q.append(rng.choice((f"{subj} loses {b} of them.", f"{subj} uses {b} of them.")))
+            steps.append(f"With {b} fewer: {x} - {b} = {x - b}.")
+            x -= b
+    if split:
         ks = [k for k in range(2, 7) if x % k == 0]
         if not ks:
             return None
         k = rng.choice(ks)
-        q.append(f"It packs them all into bags of {k}. How many bags does it fill?")
-        steps.append(f"{x} / {k} = {x // k} bags.")
+        q.append(f"{subj} puts them into {k} equal piles. How many {obj} are in each pile?")
+        steps.append(f"Each pile has {x} / {k} = {x // k}.")
         x //= k
     else:
-        q.append(f"How many {item} does the {place} have at the end of the day?")
+        q.append(rng.choice((f"How many {obj} does {name} have in the end?", f"How many {obj} does {name} end up with?")))
     return " ".join(q), steps, x
 
 
 def _generate(task: str, split: str, size: int, seed: int, make: Callable[[random.Random, int], Problem | None],
-              n_ops: tuple[int, ...], partition: bool) -> list[Example]:
+              n_ops: tuple[int, ...]) -> list[Example]:
     rng = random.Random(f"selfrefine/{task}/{split}/{seed}")
     seen: set[str] = set()
     out: list[Example] = []
@@ -135,7 +132,7 @@ def _generate(task: str, split: str, size: int, seed: int, make: Callable[[rando
         if problem is None:
             continue
         question, steps, answer = problem
-        if question in seen or (partition and (zlib.crc32(question.encode()) % 5 == 0) != (split == "test")):
+        if question in seen or (zlib.crc32(question.encode()) % 5 == 0) != (split == "test"):
             continue
         seen.add(question)
         rationale = "\n".join([*steps, f"The answer is {answer}."])
@@ -146,17 +143,15 @@ def _generate(task: str, split: str, size: int, seed: int, make: Callable[[rando
 
 
 def generate_arith(split: str = "test", size: int | None = None, seed: int = 0, ood: bool = False) -> list[Example]:
-    """`size` problems of the in-domain ("train"/"test") or out-of-domain ("test" only) set, from `seed`."""
+    """`size` problems of the in-domain ("train"/"test") or out-of-domain ("dev"/"test") set, from `seed`."""
     task = "arith_ood" if ood else "arith"
-    splits = ("test",) if ood else ("train", "test")
+    splits = ("dev", "test") if ood else ("train", "test")
     if split not in splits:
         fail(f"{task} has splits {', '.join(splits)}; got {split!r}")
     size = DEFAULT_SIZE[split] if size is None else size
     if size < 1:
         fail(f"{task}: size must be >= 1, got {size}")
-    if ood:
-        return _generate(task, split, size, seed, _shop, (3, 4), partition=False)
-    return _generate(task, split, size, seed, _collection, (2, 3), partition=True)
+    return _generate(task, split, size, seed, _reworded if ood else _collection, (2, 3))
 
 
 def source(ood: bool) -> Source:

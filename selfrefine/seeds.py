@@ -1,0 +1,78 @@
+"""Several seeds of the pipeline in one report: each cell's mean and spread over seeds, and the paired tests
+pooled over seeds and questions.
+
+Pooling: the (seed, question) pairs of all seeds form one paired sample for McNemar's exact test and the
+interval of the difference. The same question appears once per seed, so the pairs are not independent across
+seeds (a question easy for both models stays easy); the pooled p is therefore optimistic when seeds agree
+question by question, which is why the per-seed tests and the spread are reported beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .recipes.eval import format_p, paired_answers
+from .tasks.stats import paired_comparison
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (0 for one seed), min, max and the values themselves."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "values": values}
+
+
+def across_seeds(reports: dict[int, dict[str, Any]], comparisons: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """{"rows": row -> split -> task -> spread of accuracy (and of no-answer rate),
+        "pooled": comparison -> split -> task -> PairedComparison over every seed's questions}."""
+    first = next(iter(reports.values()))
+    rows: dict[str, Any] = {}
+    for row, splits in first["rows"].items():
+        rows[row] = {split: {task: {key: spread([r["rows"][row][split][task][key] for r in reports.values()])
+                                    for key in ("accuracy", "no_answer_rate")}
+                             for task in tasks} for split, tasks in splits.items()}
+    pooled: dict[str, Any] = {}
+    for name, (a, b) in comparisons.items():
+        pooled[name] = {}
+        for split, tasks in first["rows"][a].items():
+            pooled[name][split] = {}
+            for task in tasks:
+                flags_a: list[bool] = []
+                flags_b: list[bool] = []
+                for r in reports.values():
+                    fa, fb = paired_answers(r["rows"][a][split][task]["predictions"],
+                                            r["rows"][b][split][task]["predictions"])[task]
+                    flags_a += fa
+                    flags_b += fb
+                pooled[name][split][task] = asdict(paired_comparison(flags_a, flags_b))
+    return {"seeds": list(reports), "rows": rows, "pooled": pooled}
+
+
+def markdown(summary: dict[str, Any], names: dict[str, str], comparisons: dict[str, tuple[str, str]]) -> str:
+    """Per split and task: each model's mean accuracy +- sd over seeds (min-max), then each pooled paired test."""
+    rows = summary["rows"]
+    labels = [f"{names[b]} - {names[a]} (pooled)" for a, b in comparisons.values()]
+    lines = [f"seeds {', '.join(map(str, summary['seeds']))}: mean +- sd over seeds [min, max]; paired differences "
+             "pooled over seeds and questions", "",
+             "| split | task | " + " | ".join(names[r] for r in rows) + " | " + " | ".join(labels) + " |",
+             "|---|---|" + "---|" * (len(rows) + len(comparisons))]
+    first = next(iter(rows.values()))
+    for split, tasks in first.items():
+        for task in tasks:
+            cells = []
+            for row in rows:
+                s = rows[row][split][task]["accuracy"]
+                cells.append(f"{100 * s['mean']:.1f}% +- {100 * s['sd']:.1f} [{100 * s['min']:.0f}, {100 * s['max']:.0f}]")
+            for name in comparisons:
+                c = summary["pooled"][name][split][task]
+                lo, hi = c["ci95"]
+                cells.append(f"{100 * c['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] p={format_p(c['p'])} "
+                             f"(n={c['n']})")
+            lines.append(f"| {split} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_dirs(out: Path, seeds: list[int]) -> dict[int, Path]:
+    return {s: out / f"seed{s}" for s in seeds}

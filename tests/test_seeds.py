@@ -1,0 +1,74 @@
+"""Several seeds in one report: means and spreads per cell, and paired tests pooled over seeds and questions."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from selfrefine import pipeline, seeds
+from selfrefine.errors import UserError
+from selfrefine.tasks.stats import mcnemar_exact_p, paired_comparison
+from tests.helpers import make_tiny_model_dir
+from tests.test_pipeline import TINY
+
+
+def predictions(path: Path, correct: list[bool]) -> str:
+    path.write_text("".join(json.dumps({"task": "arith", "id": f"q{i}", "correct": c, "pred": "1", "gold": "1",
+                                        "finish_reason": "stop", "answer_found": True}) + "\n"
+                            for i, c in enumerate(correct)))
+    return str(path)
+
+
+def fake_report(tmp: Path, seed: int, flags: dict[str, list[bool]]) -> dict:
+    rows = {row: {"in_domain": {"arith": {
+        "accuracy": sum(f) / len(f), "no_answer_rate": 0.0,
+        "predictions": predictions(tmp / f"{seed}.{row}.jsonl", f)}}} for row, f in flags.items()}
+    return {"rows": rows}
+
+
+def test_means_spreads_and_pooled_test(tmp_path: Path):
+    a0, b0 = [True, False, False, True, False], [True, True, True, True, False]
+    a1, b1 = [False, False, True, True, True], [True, False, True, True, True]
+    reports = {0: fake_report(tmp_path, 0, {"sft": a0, "self_refine": b0}),
+               1: fake_report(tmp_path, 1, {"sft": a1, "self_refine": b1})}
+    summary = seeds.across_seeds(reports, {"self_refine_vs_sft": ("sft", "self_refine")})
+    acc = summary["rows"]["self_refine"]["in_domain"]["arith"]["accuracy"]
+    assert acc["values"] == [0.8, 0.8] and acc["mean"] == pytest.approx(0.8) and acc["sd"] == 0
+    sft = summary["rows"]["sft"]["in_domain"]["arith"]["accuracy"]
+    assert sft["mean"] == pytest.approx(0.5) and sft["sd"] == pytest.approx(statistics.stdev([0.4, 0.6]))
+    pooled = summary["pooled"]["self_refine_vs_sft"]["in_domain"]["arith"]
+    assert pooled["n"] == 10 and pooled["only_b"] == 3 and pooled["only_a"] == 0
+    assert pooled["p"] == pytest.approx(mcnemar_exact_p(0, 3)) == pytest.approx(0.25)
+    assert pooled["diff"] == pytest.approx(paired_comparison(a0 + a1, b0 + b1).diff) == pytest.approx(0.3)
+    table = seeds.markdown(summary, pipeline.NAMES, {"self_refine_vs_sft": ("sft", "self_refine")})
+    assert "| in_domain | arith | 50.0% +- 14.1 [40, 60] | 80.0% +- 0.0 [80, 80] | +30.0" in table
+    assert "p=0.2500 (n=10)" in table
+
+
+def test_seed_list_flag():
+    assert pipeline.seed_list("0,1,2") == [0, 1, 2]
+    for bad in ("0,,1", "a", "1,1"):
+        with pytest.raises(Exception):
+            pipeline.seed_list(bad)
+
+
+def test_pipeline_runs_seeds_into_one_report(tmp_path: Path, capsys):
+    model = make_tiny_model_dir(tmp_path / "model")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model), "--seeds", "0,3"])
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["seeds"] == [0, 3]
+    per_seed = {s: json.loads(Path(p).read_text()) for s, p in saved["per_seed"].items()}
+    assert [r["seed"] for r in per_seed.values()] == [0, 3]
+    cell = saved["rows"]["sft"]["in_domain"]["arith"]["accuracy"]
+    assert cell["values"] == [r["rows"]["sft"]["in_domain"]["arith"]["accuracy"] for r in per_seed.values()]
+    assert saved["pooled"]["self_refine_vs_sft"]["out_of_domain"]["arith_ood"]["n"] == 2 * 3
+    assert "(pooled)" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not both"):
+        pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model), "--seeds", "0",
+                       "--seed", "1"])
