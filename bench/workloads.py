@@ -73,11 +73,12 @@ def run_ours(model, tok: Tokenizer, part: Part, slots: int) -> list[int]:
 
 
 def run_hf(hf, tok: Tokenizer, part: Part, batch: int, device: torch.device) -> list[int]:
-    """New tokens of every row, `transformers.generate` over length-sorted left-padded batches of `batch` rows."""
+    """New tokens of every row (in prompt order, like ours), `transformers.generate` over length-sorted
+    left-padded batches of `batch` rows."""
     n, p = part.params.n, part.params
     order = sorted(range(len(part.prompts)), key=lambda i: -len(part.prompts[i]))
     per_call = max(batch // n, 1)
-    stops, counts = set(tok.stop_ids), []
+    stops, counts = set(tok.stop_ids), {}
     for k in range(0, len(order), per_call):
         chunk = [part.prompts[i] for i in order[k:k + per_call]]
         L = max(map(len, chunk))
@@ -87,9 +88,9 @@ def run_hf(hf, tok: Tokenizer, part: Part, batch: int, device: torch.device) -> 
             dict(do_sample=False)
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=p.max_new_tokens,
                           num_return_sequences=n, eos_token_id=list(stops), pad_token_id=0, **kw)
-        for row in out[:, L:].tolist():
-            counts.append(next((j for j, t in enumerate(row) if t in stops), len(row)))
-    return counts
+        for r, row in enumerate(out[:, L:].tolist()):
+            counts[order[k + r // n], r % n] = next((j for j, t in enumerate(row) if t in stops), len(row))
+    return [counts[i, j] for i in range(len(part.prompts)) for j in range(n)]
 
 
 def matmul_ceiling(hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -113,20 +114,27 @@ def matmul_ceiling(hidden: int, inter: int, dtype: torch.dtype, device: torch.de
 
 def measure(w: Workload, sides: dict[tuple[str, int], Callable[[Part], list[int]]], device: torch.device,
             body: int, head: int) -> list[dict]:
-    """One timed run of each side (after a two-prompt warm-up), in the order given: a table row each."""
+    """One timed run of each side (after a two-prompt warm-up), in the order given: a table row each, printed as
+    it is measured. On greedy parts every side must make the same number of tokens per row as the first."""
     prefill = sum(len(p) for part in w.parts for p in part.prompts)
-    rows = []
+    rows, first = [], None
     for (impl, batch), fn in sides.items():
         fn(Part(w.parts[0].prompts[:2], SamplingParams(max_new_tokens=4), 0))
         sync(device)
         t0 = time.perf_counter()
-        counts = [(c, part.params.max_new_tokens) for part in w.parts for c in fn(part)]
+        counts = [(c, part.params.max_new_tokens, not part.params.temperature) for part in w.parts for c in fn(part)]
         sync(device)
         t = time.perf_counter() - t0
-        new = sum(c for c, _ in counts)
+        new = sum(c for c, _, _ in counts)
+        greedy = [c for c, _, is_greedy in counts if is_greedy]
+        first = greedy if first is None else first
         rows.append({"workload": w.name, "impl": impl, "batch": batch, "s": t, "new tok/s": new / t,
-                     "new tokens": new, "at budget %": 100 * sum(c >= b for c, b in counts) / len(counts),
-                     "GFLOP/s": (2 * body * (prefill + new) + 2 * head * new) / t / 1e9})
+                     "new tokens": new, "at budget %": 100 * sum(c >= b for c, b, _ in counts) / len(counts),
+                     "GFLOP/s": (2 * body * (prefill + new) + 2 * head * new) / t / 1e9,
+                     "same greedy lengths %": 100 * sum(a == b for a, b in zip(greedy, first)) / len(greedy)
+                     if greedy else None})
+        print(" | ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
+              flush=True)
     return rows
 
 

@@ -8,6 +8,8 @@ Every mismatch between the file and the config is a `UserError` naming the file 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import fail
-from .io import atomic_write, read_json, write_json
+from .io import atomic_write, current_umask, fsync_dir, read_json, write_json
 from .model import ModelConfig, Transformer
 from .rope import inverse_frequencies
 
@@ -152,11 +154,28 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
 def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None) -> None:
     """Write a directory that both `load_model` and `transformers.AutoModelForCausalLM` read.
 
-    Each file is replaced atomically; tokenizer files (and generation_config.json) are copied from
-    `tokenizer_from`, else a generation_config.json is made from the model's bos/eos/pad ids.
+    A new directory is written as a temporary sibling and renamed into place whole, so a crash leaves no
+    half-written model under its name; into an existing directory each file is replaced atomically and
+    config.json (what makes a directory a model) comes last. Tokenizer files (and generation_config.json)
+    are copied from `tokenizer_from`, else a generation_config.json is made from the model's bos/eos/pad ids.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists():
+        _write_model_files(model, out_dir, tokenizer_from)
+        return
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        _write_model_files(model, tmp, tokenizer_from)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make the model unreadable to others
+        os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_model_files(model: Transformer, out_dir: Path, tokenizer_from: str | os.PathLike | None) -> None:
     cfg = model.config
     dtype = model.model.embed_tokens.weight.dtype
     state = model.state_dict()
@@ -165,8 +184,6 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer_from: s
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with atomic_write(out_dir / WEIGHTS, "wb") as f:
         f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    hf_config = {k: v for k, v in cfg.to_hf().items() if k not in ("dtype", "torch_dtype")}  # stale if cast
-    write_json(out_dir / "config.json", {**hf_config, "torch_dtype": str(dtype).removeprefix("torch.")})
     copied = set()
     if tokenizer_from is not None:
         for name in COPIED_FILES:
@@ -179,3 +196,5 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer_from: s
     if "generation_config.json" not in copied:
         ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
         write_json(out_dir / "generation_config.json", ids)
+    hf_config = {k: v for k, v in cfg.to_hf().items() if k not in ("dtype", "torch_dtype")}  # stale if cast
+    write_json(out_dir / "config.json", {**hf_config, "torch_dtype": str(dtype).removeprefix("torch.")})

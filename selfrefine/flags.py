@@ -55,3 +55,14 @@ def device_name(text: str) -> str:
     if not _DEVICE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
     return text
+
+
+def seed_list(text: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2]: distinct integers, at least one."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"must be distinct seeds, got {text!r}")
+    return values

@@ -22,9 +22,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make outputs unreadable to others
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would make outputs unreadable to others
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -36,6 +34,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -85,16 +89,37 @@ def drop_torn_tail(path: str | os.PathLike) -> int:
     return len(data) - keep
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's content; a missing or non-UTF-8 file is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
         fail("file not found", path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        fail("not a UTF-8 text file", path)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"not a UTF-8 text file (byte {e.start})", path)
+
+
+def parse_json(text: str, path: str | os.PathLike, lineno: int | None = None) -> Any:
+    """json.loads whose failures are one-line errors naming the file and line: bad JSON, nesting too deep for
+    Python's parser, and lone surrogate escapes ("\\ud800", which no UTF-8 output could ever write back)."""
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        fail(f"invalid JSON: {e.msg} (column {e.colno})", path, e.lineno)
+        fail(f"invalid JSON: {e.msg} (column {e.colno})", path, e.lineno if lineno is None else lineno)
+    except RecursionError:
+        fail("JSON nested too deeply", path, lineno)
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        fail("a string holds a lone surrogate escape (\\udXXX), which is not text", path, lineno)
+    except RecursionError:
+        fail("JSON nested too deeply", path, lineno)
+    return obj
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return parse_json(read_text(path), path)
 
 
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), allow_empty: bool = False) -> list[tuple[int, dict]]:
@@ -108,10 +133,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (), allow_em
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"invalid JSON: {e.msg} (column {e.colno})", path, lineno)
+                rec = parse_json(line, path, lineno)
                 if not isinstance(rec, dict):
                     fail("expected a JSON object on each line", path, lineno)
                 for key in required:

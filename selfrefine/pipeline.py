@@ -23,6 +23,7 @@ import numpy as np
 from . import seeds
 from .data import as_messages
 from .errors import cli_main, fail
+from .flags import Parser, seed_list
 from .fingerprint import model_digest, path_digest
 from .io import read_json, read_jsonl, write_json
 from .paths import check_outputs
@@ -241,11 +242,43 @@ def check_config(cfg: Any, path: str) -> None:
         specs = specs if isinstance(specs, list) else [specs]
         if not specs or not all(isinstance(s, dict) and "task" in s for s in specs):
             fail(f"eval.{split} must be a {{task, ...}} object or a non-empty list of them", path)
+    check_keys(cfg, path)
+
+
+TOP_KEYS = ("description", "seed", "model", "gguf", "train", "teacher", "sft", "sample", "pairs", "dpo", "eval",
+            "eval_options")
+
+
+def check_keys(cfg: dict[str, Any], path: str) -> None:
+    """Every key must be a flag of the script its section goes to: a typo is an error naming the section and key
+    before the first stage, not an argparse usage message three stages in, or a setting silently ignored."""
+    def known(parser: argparse.ArgumentParser) -> set[str]:
+        return {o[2:].replace("-", "_") for a in parser._actions for o in a.option_strings if o.startswith("--")}
+
+    def check(where: str, options: Any, allowed: set[str]) -> None:
+        if not isinstance(options, dict):
+            fail(f"{where} must be a JSON object", path)
+        for key in options:
+            if key not in allowed:
+                fail(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})", path)
+
+    check("the config", cfg, set(TOP_KEYS))
+    sampling, eval_flags = known(sample.parser()), known(eval_recipe.parser())
+    sections = {"train": sampling, "sft": known(sft.parser()), "sample": sampling, "pairs": known(dpo.parser()),
+                "dpo": known(dpo.parser()), "eval_options": eval_flags}
+    for section, allowed in sections.items():
+        check(f"section {section}", cfg.get(section, {}), allowed)
+    check("section teacher", cfg.get("teacher", {}), {"type", "model", "sampling"})
+    check("section teacher.sampling", cfg.get("teacher", {}).get("sampling", {}), sampling)
+    for split in SPLITS:
+        specs = cfg["eval"][split]
+        for spec in specs if isinstance(specs, list) else [specs]:
+            check(f"section eval.{split}", spec, eval_flags | {"data"})
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m selfrefine.pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m selfrefine.pipeline", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
@@ -285,17 +318,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(seeds.markdown(summary, NAMES, COMPARISONS))
     print(f"report across seeds -> {out / 'report.json'}")
     return summary
-
-
-def seed_list(text: str) -> list[int]:
-    """"0,1,2" -> [0, 1, 2]: distinct integers, at least one."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
-    if len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
-    return values
 
 
 if __name__ == "__main__":

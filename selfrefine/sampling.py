@@ -167,9 +167,15 @@ class _Row:
     out: list[int] = field(default_factory=list)
 
 
+def kv_cache_bytes(layers: int, slots: int, kv_heads: int, head_dim: int, positions: int, elem: int) -> int:
+    """Bytes of the slot cache: K and V for every layer, slot, key/value head and position."""
+    return 2 * layers * slots * kv_heads * head_dim * positions * elem
+
+
 def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams,
                   stop_ids: set[int], decode: Callable[[list[int]], str] | None, slots: int, seed: int,
-                  on_row: Callable[[tuple[int, int], Completion], None]) -> None:
+                  on_row: Callable[[tuple[int, int], Completion], None], log: Callable[[str], None] | None = None,
+                  ) -> None:
     """Continuous batching: `rows` ((prompt, sample), in this order) run through `slots` decoding slots.
 
     Each step samples one token for every busy slot and feeds them in one forward over a `SlotCache`
@@ -184,10 +190,12 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
     device = model.model.embed_tokens.weight.device
     budget = {i: min(params.max_new_tokens, ctx - len(prompts[i])) for i, _ in rows}  # never outgrow the context
     slots = min(slots, len(rows))
-    cfg = model.config
-    cache = SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads,
-                            max(len(prompts[i]) + budget[i] - 1 for i, _ in rows),  # the last token is never fed
-                            cfg.head_dim, model.model.embed_tokens.weight.dtype, device)
+    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
+    positions = max(len(prompts[i]) + budget[i] - 1 for i, _ in rows)  # the last token is never fed
+    if log is not None:
+        size = kv_cache_bytes(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, positions, dtype.itemsize)
+        log(f"KV cache: {slots} slots x {positions} positions x {cfg.num_layers} layers = {size / 2**20:,.1f} MiB")
+    cache = SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads, positions, cfg.head_dim, dtype, device)
     logits = torch.zeros(slots, cfg.vocab_size, device=device)  # row s: slot s's next-token logits
     waiting = list(rows)
     left = {}  # prompt -> its samples still waiting
@@ -316,6 +324,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             on_batch(plan[b], [results[i][j] for i, j in plan[b]])
 
     if rows:
-        generate_rows(model, prompts, rows, params, set(stop_ids), decode, batch_size, seed, on_row)
+        generate_rows(model, prompts, rows, params, set(stop_ids), decode, batch_size, seed, on_row,
+                      log=tqdm.write if progress else None)
     bar.close()
     return results

@@ -64,7 +64,7 @@ def markdown(summary: dict[str, Any], names: dict[str, str], comparisons: dict[s
             cells = []
             for row in rows:
                 s = rows[row][split][task]["accuracy"]
-                cells.append(f"{100 * s['mean']:.1f}% +- {100 * s['sd']:.1f} [{100 * s['min']:.0f}, {100 * s['max']:.0f}]")
+                cells.append(f"{100 * s['mean']:.1f}% +- {100 * s['sd']:.1f} [{100 * s['min']:.1f}, {100 * s['max']:.1f}]")
             for name in comparisons:
                 c = summary["pooled"][name][split][task]
                 lo, hi = c["ci95"]

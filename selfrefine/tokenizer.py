@@ -220,7 +220,11 @@ class Tokenizer:
             fail("no eos_token in tokenizer_config.json, special_tokens_map.json or generation_config.json", model_dir)
         template = tok_config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            fail(f"chat_template must be a string (or a list of {{name, template}}), got {type(template).__name__}",
+                 model_dir / "tokenizer_config.json")
         if template is None and (model_dir / "chat_template.jinja").is_file():
             template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
         # Base-model prompts ("plain") start with BOS iff the tokenizer adds one by default.

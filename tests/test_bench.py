@@ -72,6 +72,9 @@ def test_gpu_report_says_one_line_without_cuda_and_builds_its_table(tmp_path, ca
         r = subprocess.run(["bash", "bench/gpu_report.sh"], cwd=Path(__file__).parent.parent, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "no CUDA" in r.stdout, r.stdout
+    with pytest.raises(SystemExit) as e:
+        gpu_report.main([str(tmp_path), "--only", "tests,sft_2b"])
+    assert e.value.code == 2 and "unknown part(s) sft_2b" in capsys.readouterr().err
     train.main([*TINY, "--json", str(tmp_path / "t.json")])
     dpo.main([*TINY, "--json", str(tmp_path / "d.json")])
     capsys.readouterr()
@@ -79,13 +82,31 @@ def test_gpu_report_says_one_line_without_cuda_and_builds_its_table(tmp_path, ca
         {"batch": b, "impl": impl, "new tok/s": tok_s, "total s": 1.0, "decode ms/step": 2.0, "floor ms/step": 1.0,
          "same greedy rows %": 100.0}
         for b in (1, 64) for impl, tok_s in (("ours", 300.0 * b), ("transformers", 200.0 * b))]}
+    workloads = {"workload_ratios": {"eval": 2.0}, "matmul_ceiling_gflops": 500.0, "workloads": [
+        {"workload": "eval", "impl": impl, "batch": b, "s": s, "GFLOP/s": 100.0 / s}
+        for impl, b, s in (("ours", 64, 1.0), ("transformers", 8, 3.0), ("transformers", 32, 2.0))]}
     results = {"sft_1b": json.loads((tmp_path / "t.json").read_text()),
-               "dpo_1b": json.loads((tmp_path / "d.json").read_text()), "sampling": sampling, "lora_7b": None}
+               "dpo_1b": json.loads((tmp_path / "d.json").read_text()), "sampling": sampling,
+               "workloads": workloads, "lora_7b": None}
     text = gpu_report.table(results, "10 passed", "a test device")
     lines = text.splitlines()
     assert lines[0] == "GPU report: a test device; test suite on the GPU: 10 passed"
     assert f"| {results['sft_1b']['ratio_vs_hf']:.2f} |" in lines[4] and "MFU -" in lines[4]
     assert f"| {results['dpo_1b']['ratio_vs_hf']:.2f} |" in lines[5]
     assert "batch 1 | 300.0 tok/s | 200.0 tok/s | 1.50 |" in lines[6] and "batch 64" in lines[7]
-    assert "failed (see lora_7b.log)" in lines[8] and len(lines) == 9
+    assert "eval workload (ours 64 slots; transformers best batch 32) | 1.0 s | 2.0 s | 2.00 |" in lines[8]
+    assert "failed (see lora_7b.log)" in lines[9] and len(lines) == 10
     assert gpu_report.suite_summary("...\n===== 650 passed, 1 skipped in 91.2s =====\n") == "650 passed, 1 skipped"
+
+
+def test_real_eval_workload_does_the_same_greedy_work_as_transformers(smollm2_gguf):
+    """bench/workloads.py on 3 questions: every side makes the same tokens per row (greedy), and the ratio is
+    the best transformers time over ours."""
+    from bench import workloads
+
+    rows, ratios, ceiling = workloads.run(torch.device("cpu"), torch.float32, 4, 1, 3, ["eval"])
+    assert [(r["impl"], r["batch"]) for r in rows] == [("ours", 4)] + [("transformers", b)
+                                                                        for b in workloads.HF_BATCHES]
+    assert [r["same greedy lengths %"] for r in rows] == [100.0] * 4
+    assert len({r["new tokens"] for r in rows}) == 1 and rows[0]["new tokens"] > 0
+    assert ratios == {"eval": pytest.approx(min(r["s"] for r in rows[1:]) / rows[0]["s"])} and ceiling > 0

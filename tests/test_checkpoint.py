@@ -114,6 +114,32 @@ def test_save_copies_tokenizer_files(hf_dir, tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_new_model_dir_appears_whole_or_not_at_all(hf_dir, tmp_path, monkeypatch):
+    """A crash while writing a new directory leaves nothing under its name (and no temp folder); into an existing
+    directory config.json, what makes a directory a model, is written last."""
+    from selfrefine import checkpoint
+
+    model = load_model(hf_dir[1])
+    written = []
+    real = checkpoint.write_json
+
+    def crash_on_config(path, obj):
+        written.append(Path(path).name)
+        if Path(path).name == "config.json":
+            raise OSError("disk full")
+        real(path, obj)
+
+    monkeypatch.setattr(checkpoint, "write_json", crash_on_config)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == [] and written[-1] == "config.json"
+    monkeypatch.setattr(checkpoint, "write_json", real)
+    save_model(model, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert (tmp_path / "merged" / "config.json").is_file() and oct((tmp_path / "merged").stat().st_mode)[-3:] != "700"
+    torch.testing.assert_close(load_model(tmp_path / "merged")(IDS), model(IDS))
+
+
 # --- user errors: each names the file (and the tensor) -----------------------------------------------------------
 
 

@@ -120,6 +120,8 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     corrupt_adapter = root / "corrupt_adapter"
     shutil.copytree(adapter, corrupt_adapter)
     write_text(corrupt_adapter / "adapter_config.json", '{"peft_type": "LORA",\n  "r": 2,,\n  "lora_alpha": 4}\n')
+    (d / "latin").mkdir(parents=True)
+    (d / "latin" / "valid-labels.lst").write_bytes(b"1\xe9\n")  # Latin-1, not UTF-8
     return SimpleNamespace(
         root=root, model=str(model), out=out, run=str(run),
         no_model=str(root / "missing_model"),
@@ -128,6 +130,8 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         truncated=model_variant(model, root / "truncated", truncate_weights),
         wrong_shape=model_variant(model, root / "wrong_shape", reshape_one_tensor),
         small_ctx=model_variant(model, root / "small_ctx", edit_config(max_position_embeddings=24)),
+        template_not_text=model_variant(model, root / "template_not_text", lambda d: (d / "tokenizer_config.json")
+                                        .write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": 12}))),
         adapter=adapter, corrupt_adapter=str(corrupt_adapter),
         sft_good=write_jsonl(d / "sft_good.jsonl", [good] * 4),
         sft_no_completion=write_jsonl(d / "sft_no_completion.jsonl", [good, {"prompt": "What is 1 plus 1?"}, good]),
@@ -150,11 +154,18 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         raw_no_prompt=write_jsonl(d / "raw_no_prompt.jsonl", [{"id": 1, "prompt": "Hi"}, {"id": 2, "text": "Hi"}]),
         raw_long=write_jsonl(d / "raw_long.jsonl", [{"id": 1, "prompt": "Hi"}, {"id": 2, "prompt": "apples " * 30}]),
         raw_not_text=write_jsonl(d / "raw_not_text.jsonl", [{"id": 1, "prompt": "Hi"}, {"id": 2, "prompt": 12}]),
+        raw_dup_id=write_jsonl(d / "raw_dup_id.jsonl", [{"id": 1, "prompt": "Hi"}, {"id": 2, "prompt": "Yo"},
+                                                         {"id": 1, "prompt": "Hello"}]),
         gsm_no_hashes=write_jsonl(d / "gsm_no_hashes.jsonl", [
             {"question": "What is 2 plus 3?", "answer": "2 + 3 = 5.\n#### 5"},
             {"question": "What is 1 plus 1?", "answer": "1 + 1 = 2. The answer is 2."}]),
         piqa=write_jsonl(d / "valid.jsonl", [{"goal": f"goal {i}", "sol1": "a", "sol2": "b"} for i in range(3)]),
         piqa_labels=write_text(d / "valid-labels.lst", "0\n1\n"),
+        piqa_latin1=write_jsonl(d / "latin" / "valid.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}]),
+        multiarith_nan=write_text(d / "MultiArith.json", '[{"iIndex": 1, "sQuestion": "1 + 1?", "lSolutions": [2]},\n'
+                                                         ' {"iIndex": 2, "sQuestion": "x?", "lSolutions": [NaN]}]\n'),
+        deep_json=write_text(d / "deep.jsonl", json.dumps(good) + "\n" + "[" * 200_000 + "\n"),
+        surrogate=write_text(d / "surrogate.jsonl", json.dumps(good) + '\n{"prompt": "\\ud800", "completion": "5"}\n'),
         cfg_sections=write_text(d / "cfg_sections.json", json.dumps({"train": {}, "sft": {}})),
         cfg_data_dir=write_text(d / "cfg_data_dir.json", json.dumps(
             {**sections, "eval": {"in_domain": {"task": "gsm8k", "data": "{data_dir}/gsm8k/test.jsonl"},
@@ -162,6 +173,8 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         cfg_bad_json=write_text(d / "cfg_bad_json.json", '{\n  "train": {"task": "arith"},\n  "sft": {lr: 1}\n}\n'),
         cfg_no_ood=write_text(d / "cfg_no_ood.json", json.dumps({**sections, "eval": {"in_domain": {"task": "arith"}}})),
         cfg_no_task=write_text(d / "cfg_no_task.json", json.dumps({**sections, "train": {"size": 4}})),
+        cfg_typo=write_text(d / "cfg_typo.json", json.dumps({**sections, "dpo": {"lr": 1e-4, "max_step": 3}})),
+        cfg_top_typo=write_text(d / "cfg_top_typo.json", json.dumps({**sections, "eval_option": {}})),
         not_gguf=write_text(d / "model.gguf", "this is not a GGUF file\n"),
         short_gguf=write_bytes(d / "short.gguf", b"GGUF\x03\x00\x00\x00"),
     )
@@ -253,6 +266,9 @@ CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
     "sample_raw_prompt_not_text": lambda w: Case(
         SAMPLE + ["--model", w.model, "--task", "raw", "--data", w.raw_not_text, "--out", f"{w.out}/samples.jsonl"],
         w.raw_not_text, 2, "'prompt'"),
+    "sample_duplicate_question_id": lambda w: Case(
+        SAMPLE + ["--model", w.model, "--task", "raw", "--data", w.raw_dup_id, "--out", f"{w.out}/samples.jsonl"],
+        w.raw_dup_id, 3, "question id '1' appears twice (first at line 1)"),
     "sample_prompt_longer_than_context": lambda w: Case(
         SAMPLE + ["--model", w.small_ctx, "--task", "raw", "--data", w.raw_long, "--out", f"{w.out}/samples.jsonl"],
         w.raw_long, 2, "24-token context"),
@@ -263,6 +279,9 @@ CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
         SAMPLE + ["--model", w.model, "--task", "arith", "--limit", "2", "--out", f"{w.out}/resume.jsonl", "--resume"],
         f"{w.out}/resume.jsonl.partial", 1, "other settings"),
     # eval.py
+    "eval_chat_template_not_text": lambda w: Case(
+        EVAL + ["--model", w.template_not_text, "--task", "arith", "--limit", "1", "--out", f"{w.out}/r.json"],
+        f"{w.template_not_text}/tokenizer_config.json", None, "chat_template must be a string"),
     "eval_gsm8k_without_final_answer": lambda w: Case(
         EVAL + ["--model", w.model, "--task", f"gsm8k={w.gsm_no_hashes}", "--out", f"{w.out}/report.json"],
         w.gsm_no_hashes, 2, "'#### N'"),
@@ -272,6 +291,18 @@ CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
     "eval_piqa_labels_shorter_than_questions": lambda w: Case(
         EVAL + ["--model", w.model, "--task", f"piqa={w.piqa}", "--out", f"{w.out}/report.json"],
         w.piqa_labels, 3, "2 labels for 3 questions"),
+    "eval_multiarith_nan_answer": lambda w: Case(
+        EVAL + ["--model", w.model, "--task", f"multiarith={w.multiarith_nan}", "--out", f"{w.out}/report.json"],
+        w.multiarith_nan, 2, "finite numbers"),
+    "eval_labels_not_utf8": lambda w: Case(
+        EVAL + ["--model", w.model, "--task", f"piqa={w.piqa_latin1}", "--out", f"{w.out}/report.json"],
+        str(Path(w.piqa_latin1).with_name("valid-labels.lst")), None, "not a UTF-8 text file"),
+    "sft_json_nested_too_deep": lambda w: Case(
+        SFT + ["--model", w.model, "--data", w.deep_json, "--out", f"{w.out}/sft_deep"], w.deep_json, 2,
+        "nested too deeply"),
+    "sft_lone_surrogate": lambda w: Case(
+        SFT + ["--model", w.model, "--data", w.surrogate, "--out", f"{w.out}/sft_surrogate"], w.surrogate, 2,
+        "lone surrogate"),
     # python -m selfrefine.pipeline
     "pipeline_config_missing_sections": lambda w: Case(
         PIPELINE + ["--config", w.cfg_sections, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_sections, None,
@@ -288,6 +319,12 @@ CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
     "pipeline_train_without_task": lambda w: Case(
         PIPELINE + ["--config", w.cfg_no_task, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_no_task, None,
         "'task'"),
+    "pipeline_config_key_typo": lambda w: Case(
+        PIPELINE + ["--config", w.cfg_typo, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_typo, None,
+        "section dpo: unknown key 'max_step' (known: "),
+    "pipeline_config_section_typo": lambda w: Case(
+        PIPELINE + ["--config", w.cfg_top_typo, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_top_typo, None,
+        "the config: unknown key 'eval_option'"),
     # python -m selfrefine.convert_gguf
     "convert_non_gguf_file": lambda w: Case(
         CONVERT + ["--gguf", w.not_gguf, "--out", f"{w.out}/converted"], w.not_gguf, None, "not a GGUF file"),

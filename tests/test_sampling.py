@@ -341,3 +341,26 @@ def test_packaged_smollm2_continuous_batching_with_stop_strings(smollm2_dir):
     for p, (c,) in zip(prompts, res):
         assert c == reference(model, p, 16, tok.stop_ids, tok.decode, stops)
     assert any(c.finish_reason == "stop" and c.text != tok.decode(c.token_ids) for (c,) in res)  # a string hit
+
+
+def test_kv_cache_size_is_logged_before_allocation(model, monkeypatch):
+    """The logged size is the bytes of the cache actually allocated (K and V, every layer and slot)."""
+    from selfrefine import sampling
+
+    allocated, logged = [], []
+    empty = sampling.SlotCache.empty
+
+    def spy(*args):
+        cache = empty(*args)
+        allocated.append(cache.k.nbytes + cache.v.nbytes)
+        return cache
+
+    monkeypatch.setattr(sampling.SlotCache, "empty", spy)
+    prompts = prompts_of([5, 9])
+    with torch.inference_mode():
+        generate_rows(model, prompts, [(0, 0), (1, 0)], SamplingParams(max_new_tokens=6), set(), None, 8, 0,
+                      lambda *_: None, log=logged.append)
+    cfg = model.config
+    expected = sampling.kv_cache_bytes(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 9 + 6 - 1, 4)
+    assert allocated == [expected] and logged == [
+        f"KV cache: 2 slots x 14 positions x {cfg.num_layers} layers = {expected / 2**20:,.1f} MiB"]

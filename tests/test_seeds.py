@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 
 import pytest
 
-from selfrefine import pipeline, seeds
+from selfrefine import flags, pipeline, seeds
 from selfrefine.errors import UserError
 from selfrefine.tasks.stats import mcnemar_exact_p, paired_comparison
 from tests.helpers import make_tiny_model_dir
@@ -44,15 +45,15 @@ def test_means_spreads_and_pooled_test(tmp_path: Path):
     assert pooled["p"] == pytest.approx(mcnemar_exact_p(0, 3)) == pytest.approx(0.25)
     assert pooled["diff"] == pytest.approx(paired_comparison(a0 + a1, b0 + b1).diff) == pytest.approx(0.3)
     table = seeds.markdown(summary, pipeline.NAMES, {"self_refine_vs_sft": ("sft", "self_refine")})
-    assert "| in_domain | arith | 50.0% +- 14.1 [40, 60] | 80.0% +- 0.0 [80, 80] | +30.0" in table
+    assert "| in_domain | arith | 50.0% +- 14.1 [40.0, 60.0] | 80.0% +- 0.0 [80.0, 80.0] | +30.0" in table
     assert "p=0.2500 (n=10)" in table
 
 
 def test_seed_list_flag():
-    assert pipeline.seed_list("0,1,2") == [0, 1, 2]
-    for bad in ("0,,1", "a", "1,1"):
-        with pytest.raises(Exception):
-            pipeline.seed_list(bad)
+    assert flags.seed_list("0,1,2") == [0, 1, 2]
+    for bad, says in (("0,,1", "expected comma-separated integers"), ("a", "expected"), ("1,1", "distinct")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            flags.seed_list(bad)
 
 
 def test_pipeline_runs_seeds_into_one_report(tmp_path: Path, capsys):

@@ -68,12 +68,25 @@ def load_questions(args: argparse.Namespace) -> tuple[list[Question], str | None
         for line, r in rows:
             if not isinstance(r["prompt"], str) or not r["prompt"].strip():
                 fail("field 'prompt' must be a non-empty string", args.data, line)
-        return [Question(str(r["id"]), None, {"cot": r["prompt"], "direct": r["prompt"]}, line) for line, r in rows], None
+        return unique([Question(str(r["id"]), None, {"cot": r["prompt"], "direct": r["prompt"]}, line)
+                       for line, r in rows], args.data), None
     task = get_task(args.task)
     examples = task.load(args.data, limit=args.limit, split=args.split, size=args.size, seed=args.data_seed)
     if not examples:
         fail("no questions", args.data or args.task)
-    return [Question(e.id, e, {t: render_prompt(e, task.kind, t) for t in ("cot", "direct")}) for e in examples], task.kind
+    return unique([Question(e.id, e, {t: render_prompt(e, task.kind, t) for t in ("cot", "direct")})
+                   for e in examples], args.data or args.task), task.kind
+
+
+def unique(questions: list[Question], source: str) -> list[Question]:
+    """Refuse a repeated question id here, naming it: samples, pairs and predictions are matched by id."""
+    first: dict[str, Question] = {}
+    for q in questions:
+        if q.id in first:
+            where = f" (first at line {first[q.id].line})" if first[q.id].line else ""
+            fail(f"question id {q.id!r} appears twice{where}; ids must be unique", source, q.line)
+        first[q.id] = q
+    return questions
 
 
 def score(q: Question, kind: str | None, completion: str, finish_reason: str) -> dict:

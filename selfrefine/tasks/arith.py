@@ -3,14 +3,14 @@
 The teacher stands in for the paper's LLM teacher: for each problem it writes a short, correct step-by-step
 rationale (one operation per line) ending in "The answer is N.", stored in `Example.rationale`.
 `arith` (in-domain): one person's collection of objects -- buy, give away, share equally -- in 2-3 operations.
-`arith_ood` (out-of-domain): the same reasoning (a count changed 2-3 times, small numbers) told with other
-objects, verbs and question forms than `arith`: packs, finding, losing, using, being given (an
-addition worded like the in-domain subtraction "gives"), equal piles, "end up with". What transfers is
-the skill, not the surface: that is what makes it out of domain. Other settings and question forms (a bus's
-passengers, "N more than", money spent), 1-2 operations, and openings other than "X has N ..." were tried
-first on the "dev" split: the seed-0 SFT demo student scored about 5% on the first two and 2-6% on those
-openings, out of reach for a 135M model, so they would tell nothing about transfer. Its "dev" split (disjoint from "test") is
-for calibrating choices; "test" is only for reporting.
+`arith_ood` (out-of-domain): the same story (`_story`: a count changed 2-3 times, small numbers) in another
+`Wording`: other objects, verbs and question forms -- packs, finding, losing, using, being given (an addition
+worded like the in-domain subtraction "gives"), equal piles, "end up with". What transfers is the skill, not
+the surface: that is what makes it out of domain. Its "dev" split (disjoint from "test") is for calibration,
+"test" only for reporting. Calibration, on dev with the seed-0 SFT student of the demo: other settings and
+question forms (a bus's passengers, "N more than", money spent) scored about 5% with 2-3 and with 1-2
+operations, and openings other than "X has N ..." 2-6%: out of a 135M student's reach, they would tell nothing
+about transfer; this wording scored 12-14%.
 
 Determinism: `random.Random` seeded with a string (hashed with SHA-512, independent of PYTHONHASHSEED).
 Disjoint splits for every size and seed: a question belongs to "test" iff CRC32(question) % 5 == 0, so the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,86 +40,87 @@ DEFAULT_SIZE = {"train": 1000, "dev": 200, "test": 200}
 Problem = tuple[str, list[str], int]  # question, rationale lines, answer
 
 
-def _collection(rng: random.Random, n_ops: int) -> Problem | None:
-    """In-domain: a person buys (maybe in bags), gives some away, maybe shares the rest equally."""
+@dataclass(frozen=True)
+class Wording:
+    """How a story is told: `str.format` templates over name, subj, friend, them, obj, k, b, x and y (the result).
+    Where a tuple offers several phrasings one is drawn at random."""
+
+    objects: tuple[str, ...]
+    batch: str  # k groups of b: the start
+    batch_step: str
+    start: str  # or a plain count
+    add: tuple[str, ...]
+    add_step: str
+    sub: tuple[str, ...]
+    sub_step: str
+    split: str  # x shared out into k equal parts: the question
+    split_step: str
+    end: tuple[str, ...]  # the question when nothing is shared
+
+
+IN_DOMAIN = Wording(
+    _OBJECTS, "{name} buys {k} bags of {b} {obj}.", "{name} has {k} * {b} = {x} {obj}.", "{name} has {x} {obj}.",
+    ("{subj} buys {b} more.",), "After buying {b} more: {x} + {b} = {y}.",
+    ("{subj} gives {b} to {friend}.",), "After giving {b} away: {x} - {b} = {y}.",
+    "{subj} shares them equally among {k} friends. How many {obj} does each friend get?",
+    "Each friend gets {x} / {k} = {y}.", ("How many {obj} does {name} have now?",))
+# Out of domain: the same reasoning with other objects, verbs and question forms -- packs, finding, losing,
+# using, being given (an addition worded like the in-domain subtraction "gives"), equal piles, "end up with".
+OUT_OF_DOMAIN = Wording(
+    _OOD_OBJECTS, "{name} gets {k} packs with {b} {obj} in each pack.", "{k} packs of {b}: {k} * {b} = {x} {obj}.",
+    "{name} has {x} {obj}.", ("{subj} finds {b} more.", "{friend} gives {them} {b} {obj}."),
+    "With {b} more: {x} + {b} = {y}.", ("{subj} loses {b} of them.", "{subj} uses {b} of them."),
+    "With {b} fewer: {x} - {b} = {y}.",
+    "{subj} puts them into {k} equal piles. How many {obj} are in each pile?", "Each pile has {x} / {k} = {y}.",
+    ("How many {obj} does {name} have in the end?", "How many {obj} does {name} end up with?"))
+
+
+def _pick(rng: random.Random, options: tuple[str, ...]) -> str:
+    """One of the phrasings; a single one draws nothing, so adding phrasings never changes another wording's
+    problems."""
+    return options[0] if len(options) == 1 else rng.choice(options)
+
+
+def _story(rng: random.Random, n_ops: int, w: Wording) -> Problem | None:
+    """A person's count of objects: a start (maybe k groups of b), then additions and subtractions, maybe
+    shared out equally at the end; `n_ops` operations in all."""
     (name, pron), (friend, _) = rng.sample(_PEOPLE, 2)
-    obj, subj = rng.choice(_OBJECTS), pron.capitalize()
-    bags, share = rng.random() < 0.5, rng.random() < 0.5
+    obj = rng.choice(w.objects)
+    v = {"name": name, "subj": pron.capitalize(), "friend": friend, "them": "her" if pron == "she" else "him",
+         "obj": obj}
+    batch, share = rng.random() < 0.5, rng.random() < 0.5
     q: list[str] = []
     steps: list[str] = []
-    if bags:
+    if batch:
         k, b = rng.randint(2, 5), rng.randint(2, 10)
         x = k * b
-        q.append(f"{name} buys {k} bags of {b} {obj}.")
-        steps.append(f"{name} has {k} * {b} = {x} {obj}.")
+        q.append(w.batch.format(**v, k=k, b=b))
+        steps.append(w.batch_step.format(**v, k=k, b=b, x=x))
     else:
         x = rng.randint(5, 30)
-        q.append(f"{name} has {x} {obj}.")
-    for _ in range(n_ops - bags - share):
+        q.append(w.start.format(**v, x=x))
+    for _ in range(n_ops - batch - share):
         b = rng.randint(1, 10)
         if rng.random() < 0.5:
-            q.append(f"{subj} buys {b} more.")
-            steps.append(f"After buying {b} more: {x} + {b} = {x + b}.")
+            q.append(_pick(rng, w.add).format(**v, b=b))
+            steps.append(w.add_step.format(b=b, x=x, y=x + b))
             x += b
         else:
             if b >= x:
                 return None
-            q.append(f"{subj} gives {b} to {friend}.")
-            steps.append(f"After giving {b} away: {x} - {b} = {x - b}.")
+            q.append(_pick(rng, w.sub).format(**v, b=b))
+            steps.append(w.sub_step.format(b=b, x=x, y=x - b))
             x -= b
     if share:
         ks = [k for k in range(2, 7) if x % k == 0]
         if not ks:
             return None
         k = rng.choice(ks)
-        q.append(f"{subj} shares them equally among {k} friends. How many {obj} does each friend get?")
-        steps.append(f"Each friend gets {x} / {k} = {x // k}.")
+        q.append(w.split.format(**v, k=k))
+        steps.append(w.split_step.format(k=k, x=x, y=x // k))
         x //= k
     else:
-        q.append(f"How many {obj} does {name} have now?")
-    return " ".join(q), steps, x
-
-
-def _reworded(rng: random.Random, n_ops: int) -> Problem | None:
-    """Out-of-domain: the in-domain reasoning (a count changed 2-3 times) told in words and with objects and
-    question forms the student never trains on -- packs instead of bags, finding, losing, using, being given
-    (an addition worded like the in-domain subtraction "gives"), equal piles or boxes instead of friends."""
-    (name, pron), (friend, _) = rng.sample(_PEOPLE, 2)
-    obj, subj = rng.choice(_OOD_OBJECTS), pron.capitalize()
-    them = "her" if pron == "she" else "him"
-    packs, split = rng.random() < 0.5, rng.random() < 0.5
-    q: list[str] = []
-    steps: list[str] = []
-    if packs:
-        k, b = rng.randint(2, 5), rng.randint(2, 10)
-        x = k * b
-        q.append(f"{name} gets {k} packs with {b} {obj} in each pack.")
-        steps.append(f"{k} packs of {b}: {k} * {b} = {x} {obj}.")
-    else:
-        x = rng.randint(5, 30)
-        q.append(f"{name} has {x} {obj}.")
-    for _ in range(n_ops - packs - split):
-        b = rng.randint(1, 10)
-        if rng.random() < 0.5:
-            q.append(rng.choice((f"{subj} finds {b} more.", f"{friend} gives {them} {b} {obj}.")))
-            steps.append(f"With {b} more: {x} + {b} = {x + b}.")
-            x += b
-        else:
-            if b >= x:
-                return None
-            q.append(rng.choice((f"{subj} loses {b} of them.", f"{subj} uses {b} of them.")))
-            steps.append(f"With {b} fewer: {x} - {b} = {x - b}.")
-            x -= b
-    if split:
-        ks = [k for k in range(2, 7) if x % k == 0]
-        if not ks:
-            return None
-        k = rng.choice(ks)
-        q.append(f"{subj} puts them into {k} equal piles. How many {obj} are in each pile?")
-        steps.append(f"Each pile has {x} / {k} = {x // k}.")
-        x //= k
-    else:
-        q.append(rng.choice((f"How many {obj} does {name} have in the end?", f"How many {obj} does {name} end up with?")))
+        q.append(_pick(rng, w.end).format(**v))
     return " ".join(q), steps, x
 
 
@@ -151,7 +153,7 @@ def generate_arith(split: str = "test", size: int | None = None, seed: int = 0, 
     size = DEFAULT_SIZE[split] if size is None else size
     if size < 1:
         fail(f"{task}: size must be >= 1, got {size}")
-    return _generate(task, split, size, seed, _reworded if ood else _collection, (2, 3))
+    return _generate(task, split, size, seed, lambda rng, n: _story(rng, n, OUT_OF_DOMAIN if ood else IN_DOMAIN), (2, 3))
 
 
 def source(ood: bool) -> Source:

@@ -7,6 +7,7 @@ else `<task>-<file stem>-<line>` (`<task>-<index>` for MultiArith), so they are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import string
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import fail
-from ..io import read_json, read_jsonl
+from ..io import read_json, read_jsonl, read_text
 from . import Example, Source
 from .extract import canonical_number, normalize_number
 
@@ -42,7 +43,7 @@ def _json_array_records(path: Path) -> list[tuple[int, object]]:
     data = read_json(path)  # reports bad JSON with its line
     if not isinstance(data, list) or not data:
         fail("expected a non-empty JSON array", path, 1)
-    text, decoder, out = path.read_text(encoding="utf-8"), json.JSONDecoder(), []
+    text, decoder, out = read_text(path), json.JSONDecoder(), []
     pos = text.index("[") + 1
     for _ in data:
         while text[pos] in " \t\r\n,":
@@ -60,8 +61,9 @@ def read_multiarith(path: Path) -> list[Example]:
         if not isinstance(rec, dict) or "sQuestion" not in rec or "lSolutions" not in rec:
             fail("expected an object with 'sQuestion' and 'lSolutions'", path, lineno)
         sols = rec["lSolutions"]
-        if not isinstance(sols, list) or not sols or not isinstance(sols[0], (int, float)):
-            fail("'lSolutions' must be a non-empty list of numbers", path, lineno)
+        if not isinstance(sols, list) or not sols or not isinstance(sols[0], (int, float)) or \
+                isinstance(sols[0], bool) or not math.isfinite(sols[0]):
+            fail("'lSolutions' must be a non-empty list of finite numbers", path, lineno)
         out.append(Example(f"multiarith-{rec.get('iIndex', i)}", str(rec["sQuestion"]).strip(),
                            canonical_number(Fraction(str(sols[0])))))
     return out
@@ -98,7 +100,7 @@ def read_labels(path: Path, n: int, allowed: dict[str, str], questions: Path) ->
     """One label per line, aligned with the `n` questions; each mapped through `allowed` to a letter."""
     if not path.is_file():
         fail(f"labels file not found (expected beside {questions.name})", path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != n:

@@ -21,36 +21,20 @@ RULES = [
     (r"^(?:He|She) buys (\d+) more$", lambda x, a: x + a),
     (r"^(?:He|She) gives (\d+) to \w+$", lambda x, a: x - a),
     (r"^(?:He|She) shares them equally among (\d+) friends$", lambda x, a: x / a),
-    (r"^A bus leaves the station with (\d+) passengers$", lambda x, a: a),
-    (r"^At the \w+ stop, (\d+) (?:person gets|people get) off and (\d+) (?:person gets|people get) on$",
-     lambda x, a, b: x - a + b),
-    (r"^At the \w+ stop, (\d+) (?:person gets|people get) off$", lambda x, a: x - a),
-    (r"^\w+ bakes (\d+) trays of \w+ with (\d+) on each tray$", lambda x, a, b: a * b),
-    (r"^(?:He|She) (?:eats|sells) (\d+) of them$", lambda x, a: x - a),
-    (r"^\w+ has \$(\d+)$", lambda x, a: a),
-    (r"^(?:He|She) spends \$(\d+) on [\w ]+$", lambda x, a: x - a),
-    (r"^How many [\w ]+ do they have together$", lambda x: x + OTHER[0]),
-    (r"^\w+ loses (\d+) of them$", lambda x, a: x - a),
+    (r"^\w+ gets (\d+) packs with (\d+) [\w ]+ in each pack$", lambda x, a, b: a * b),
+    (r"^(?:He|She) finds (\d+) more$", lambda x, a: x + a),
+    (r"^\w+ gives (?:her|him) (\d+) [\w ]+$", lambda x, a: x + a),
+    (r"^(?:He|She) (?:loses|uses) (\d+) of them$", lambda x, a: x - a),
+    (r"^(?:He|She) puts them into (\d+) equal piles$", lambda x, a: x / a),
     (r"^How many [\w ]+$", lambda x: x),
 ]
-OTHER = [0]  # "N more/fewer than" keeps the first amount here for "together"
-
-
-def compare(x, a: int, more: str) -> int:
-    OTHER[0] = x
-    return x + a if more == "more" else x - a
-
-
-RULES.insert(0, (r"^\w+ has (\d+) (more|fewer) [\w ]+ than \w+$", lambda x, a, more: compare(x, int(a), more)))
-
-
 def solve(question: str) -> float:
     x = None
     for sentence in re.split(r"(?<=[.?])\s+", question):
         for pattern, rule in RULES:
             m = re.match(pattern, sentence.rstrip(".?"))
             if m:
-                x = rule(x, *(int(g) if g.isdigit() else g for g in m.groups()))
+                x = rule(x, *map(int, m.groups()))
                 assert x is not None and x >= 0, sentence
                 break
         else:
@@ -77,14 +61,18 @@ def test_in_domain_answers_and_rationales() -> None:
 
 
 def test_out_of_domain_answers_and_rationales() -> None:
+    """The same reasoning in other words: every in-domain verb and object is gone, every new phrasing occurs."""
     ood = OOD.load() + OOD.load(split="dev")
     for e in ood:
-        check_example(e, (1, 2))
-    scenes = {"bus": "A bus leaves", "trays": " trays of ", "compare": " than ", "money": " has $"}
-    counts = {k: sum(v in e.question for e in ood) for k, v in scenes.items()}
-    assert sum(counts.values()) == len(ood) and min(counts.values()) > len(ood) / 8  # each scene, no other
-    in_domain = " ".join(e.question for e in ARITH.load(split="train"))
-    assert not any(v in in_domain for v in scenes.values())  # none of these wordings is ever trained on
+        check_example(e, (2, 3))
+    text = " ".join(e.question for e in ood)
+    for phrase in ("packs with", "finds", "gives him", "gives her", "loses", "uses", "equal piles", "end up with",
+                   "in the end"):
+        assert phrase in text, phrase
+    in_domain = ARITH.load(split="train")
+    for phrase in (" buys ", " bags of ", " shares them ", " friends"):
+        assert phrase not in text and any(phrase in e.question for e in in_domain), phrase
+    assert not {w for e in ood for w in e.question.split()} & {"apples", "pencils", "marbles", "stamps"}
 
 
 def test_sizes_and_defaults() -> None:
@@ -114,7 +102,7 @@ def test_deterministic_across_machines() -> None:
     """Pinned values: a change here changes every arith number ever reported, so it must be deliberate."""
     assert digest(ARITH.load(split="train", size=50)) == "732c0c3f30730565"
     assert digest(ARITH.load(split="test", size=50)) == "8460b698fa448207"
-    assert digest(OOD.load(size=50)) == "ff5059197693adaa"
+    assert digest(OOD.load(size=50)) == "e3a63cac15a5c0d5"
     first = ARITH.load(size=1)[0]
     assert first.question == ("Jack has 24 shells. He buys 1 more. He gives 3 to Mia. "
                               "He shares them equally among 2 friends. How many shells does each friend get?")
