@@ -10,7 +10,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import distributed
 from .errors import fail
@@ -42,16 +42,20 @@ def versions() -> dict[str, str]:
 
 
 def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_config_change: bool = False,
-              inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
+              inputs: dict[str, str | os.PathLike | None] | None = None) -> tuple[Path, Callable[[], None]]:
     """Create or re-open OUT; refuse a folder holding something else, a resume with another config, and a resume
     whose input files (`inputs`: flag -> path) changed since the run started: recorded by content hash, since an
     edit in place keeps the path and would mix old and new data (`--allow-config-change` does not override it).
+
+    Returns (OUT, commit). A new run's run.json is written here; a resumed run's updated run.json only when
+    `commit()` is called, once the checkpoint has loaded (the trainer does it), so a resume that fails later
+    leaves the old record as it was.
 
     Under torchrun rank 0 checks and writes while the others wait (they would see its run.json as "another run")."""
     out = Path(out_dir)
     if not distributed.is_main():
         distributed.barrier()
-        return out
+        return out, lambda: None
     paths = {k: v for k, v in (inputs or {}).items() if v is not None}
     digests = {k: path_digest(v) for k, v in paths.items()}
     run_file = out / RUN_FILE
@@ -81,6 +85,8 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
     if prior is not None:
         record = {**prior, "config": config, "inputs": {**prior.get("inputs", {}), **digests},
                   "resumed": prior.get("resumed", []) + [record["started"]]}
+        distributed.barrier()
+        return out, lambda: write_json(run_file, record)
     write_json(run_file, record)
     distributed.barrier()
-    return out
+    return out, lambda: None

@@ -137,6 +137,10 @@ def load_checkpoint(out_dir: Path, model: torch.nn.Module, optimizer: torch.opti
     missing = [n for n in state["trainable"] if n not in params]
     if missing or set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
         raise UserError(f"checkpoint does not match this model/adapter (e.g. {(missing or ['trainable set'])[0]})", path)
+    for n, saved in state["trainable"].items():
+        if tuple(saved.shape) != tuple(params[n].shape):
+            raise UserError(f"checkpoint does not match this model/adapter ({n} has shape {tuple(saved.shape)} there, "
+                            f"{tuple(params[n].shape)} here)", path)
     distributed.load_training_state(model, optimizer, state["trainable"], state["optimizer"])
     rng_cpu, rng_cuda = state["rng_ranks"][distributed.rank()] if state.get("rng_ranks") else (
         state["rng_cpu"], state["rng_cuda"])
@@ -161,7 +165,8 @@ def _trim_metrics(out_dir: Path, step: int) -> None:
 
 def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any], step_fn: StepFn,
           cfg: TrainConfig, out_dir: Path, device: torch.device, resume: bool = False,
-          desc: str = "train", loss_weight: Callable[[Any], float] | None = None) -> dict[str, float]:
+          desc: str = "train", loss_weight: Callable[[Any], float] | None = None,
+          on_start: Callable[[], None] | None = None) -> dict[str, float]:
     """Run optimizer steps up to the configured total; returns the last logged metrics.
 
     `loss_weight(batch)` is the denominator of the batch's mean loss (completion tokens for a token-mean
@@ -170,7 +175,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     summed over the step's micro-batches and all ranks (one all-reduce per step), so that batch B x accum A
     on N processes gives the gradient of batch B * A * N in one go, whatever the micro-batches' lengths
     (DDP averages gradients over ranks, hence the factor `world`). The logged loss and metrics are the same
-    weighted means over the step.
+    weighted means over the step. `on_start` runs once the checkpoint (if any) has loaded: a resume records
+    itself only when it can go on.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +192,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
         start = load_checkpoint(out_dir, model, optimizer, scaler)
     if resume and distributed.is_main():
         _trim_metrics(out_dir, start)
+    if on_start is not None:
+        on_start()
     total = total_steps(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.epochs, cfg.max_steps)
     order = MicroBatchOrder(len(examples), cfg.batch_size * world, cfg.seed)
     model.train()

@@ -46,6 +46,22 @@ def test_sft_resume_after_the_data_was_edited_is_refused(model: Path, tmp_path: 
     assert tree_hash(out) == before
 
 
+def test_resume_that_fails_at_the_checkpoint_leaves_run_json_alone(model: Path, tmp_path: Path):
+    """--allow-config-change accepts the new --lora-r, then the checkpoint does not fit: run.json is as it was."""
+    data, out = demos(tmp_path / "d.jsonl", 8), tmp_path / "run"
+    args = ["train_sft.py", "--model", str(model), "--data", data, "--out", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--max-len", "64", "--lora-r", "2", "--save-every", "1"]
+    assert run(*args).returncode == 0 and (out / "checkpoint.pt").exists()
+    before = tree_hash(out)
+    changed = [a if a != "2" or args[i - 1] != "--lora-r" else "4" for i, a in enumerate(args)]
+    one_line_error(run(*changed, "--max-steps", "3", "--resume", "--allow-config-change"), out / "checkpoint.pt",
+                   "checkpoint does not match")
+    assert tree_hash(out) == before
+    ok = run(*args, "--max-steps", "3", "--resume", "--allow-config-change")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads((out / "run.json").read_text())["resumed"]) == 1  # only the resume that went on
+
+
 def test_sample_resume_drops_a_torn_line_and_refuses_an_edited_data_file(model: Path, tmp_path: Path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": f"Say {i}."} for i in range(4)])
     out = tmp_path / "s.jsonl"

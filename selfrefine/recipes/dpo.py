@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.full:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     lora = make_trainable(model, args)
-    start_run(out_dir, vars(args), args.resume, args.allow_config_change,  # after every check: no stray run.json
-              inputs={"model": args.model, "adapter": args.adapter, "pairs": args.pairs, "samples": args.samples,
-                      "demos": args.demos})
+    _, commit = start_run(out_dir, vars(args), args.resume, args.allow_config_change,  # after every check
+                          inputs={"model": args.model, "adapter": args.adapter, "pairs": args.pairs,
+                                  "samples": args.samples, "demos": args.demos})
     if built is not None:
         write_jsonl(pairs_path, built)
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
@@ -220,6 +220,6 @@ def main(argv: list[str] | None = None) -> dict:
         precompute_reference(step, model, pairs, pad_id, args.batch_size, out_dir, key)
     print(f"DPO: {len(pairs)} pairs, beta {args.beta}, loss {args.loss}, device {device}")
     last = run_training(train, model, pairs, lambda b: collate_pairs(b, pad_id), step, train_config(args),
-                        out_dir, device, resume=args.resume, desc="dpo")
+                        out_dir, device, resume=args.resume, desc="dpo", on_start=commit)
     save_outputs(model, lora, args, out_dir)
     return last

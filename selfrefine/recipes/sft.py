@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"warning: {n_trunc} completion(s) cut at --max-len {args.max_len} (their end-of-turn token is lost)")
     lora = make_trainable(model, args)
     # After the checks: no stray run.
-    out = start_run(args.out, vars(args), args.resume, args.allow_config_change,
+    out, commit = start_run(args.out, vars(args), args.resume, args.allow_config_change,
                     inputs={"model": args.model, "adapter": args.adapter, "data": args.data})
     n_val = int(len(examples) * args.val_fraction)
     g = torch.Generator().manual_seed(args.seed)
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"SFT: {len(train_set)} train / {len(val)} val examples, {n_params:,} trainable parameters, device {device}")
     last = run_training(train, model, train_set, lambda b: pad_batch(b, pad_id), sft_step, train_config(args),
-                        out, device, resume=args.resume, desc="sft", loss_weight=completion_tokens)
+                        out, device, resume=args.resume, desc="sft", loss_weight=completion_tokens,
+                        on_start=commit)
     if val:
         last["val_loss"] = mean_loss(model, val, pad_id, args.batch_size)
         if distributed.is_main():
