@@ -132,8 +132,7 @@ class Pipeline:
     def evaluate(self, row: str, split: str, model: Path, adapter: Path | None,
                  inputs: dict[str, str]) -> list[dict[str, Any]]:
         """One model on one split: the eval report of each of its tasks (never pooled)."""
-        specs = self.cfg["eval"][split]
-        specs = specs if isinstance(specs, list) else [specs]
+        specs = eval_specs(self.cfg, split)
         path = self.out / "eval" / f"{row}.{split}.json"
         options = self.cfg.get("eval_options", {})
         tasks = [f"{s['task']}={s['data']}" if s.get("data") else s["task"] for s in specs]
@@ -186,8 +185,7 @@ def check_budgets(tok: Tokenizer, demos: Path, cfg: dict[str, Any]) -> None:
     budgets = {"sample.max_new_tokens": cfg["sample"].get("max_new_tokens", sample.parser().get_default("max_new_tokens"))}
     eval_default = cfg.get("eval_options", {}).get("max_new_tokens", eval_recipe.parser().get_default("max_new_tokens"))
     for split in SPLITS:
-        specs = cfg["eval"][split] if isinstance(cfg["eval"][split], list) else [cfg["eval"][split]]
-        budgets[f"eval.{split}.max_new_tokens"] = specs[0].get("max_new_tokens", eval_default)
+        budgets[f"eval.{split}.max_new_tokens"] = eval_specs(cfg, split)[0].get("max_new_tokens", eval_default)
     for name, budget in budgets.items():
         if budget < p99:
             print(f"warning: {name} = {budget} is below the demonstrations' p99 length ({p99:.0f} tokens): "
@@ -226,6 +224,12 @@ def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + rates)
 
 
+def eval_specs(cfg: dict[str, Any], split: str) -> list[Any]:
+    """A split's eval section: one {task, ...} object or a list of them, as a list (empty if missing)."""
+    specs = cfg["eval"].get(split)
+    return specs if isinstance(specs, list) else [] if specs is None else [specs]
+
+
 def check_config(cfg: Any, path: str) -> None:
     """Refuse, before the first stage, a config that a later stage would trip over an hour in."""
     sections = ("train", "sft", "sample", "dpo", "eval")
@@ -238,8 +242,7 @@ def check_config(cfg: Any, path: str) -> None:
             teacher["type"] == "model" and "model" not in teacher):
         fail('teacher must be {"type": "rationales"} or {"type": "model", "model": DIR, "sampling": {...}}', path)
     for split in SPLITS:
-        specs = cfg["eval"].get(split)
-        specs = specs if isinstance(specs, list) else [specs]
+        specs = eval_specs(cfg, split)
         if not specs or not all(isinstance(s, dict) and "task" in s for s in specs):
             fail(f"eval.{split} must be a {{task, ...}} object or a non-empty list of them", path)
     check_keys(cfg, path)
@@ -263,16 +266,15 @@ def check_keys(cfg: dict[str, Any], path: str) -> None:
                 fail(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})", path)
 
     check("the config", cfg, set(TOP_KEYS))
-    sampling, eval_flags = known(sample.parser()), known(eval_recipe.parser())
-    sections = {"train": sampling, "sft": known(sft.parser()), "sample": sampling, "pairs": known(dpo.parser()),
-                "dpo": known(dpo.parser()), "eval_options": eval_flags}
+    sampling, training, eval_flags = known(sample.parser()), known(dpo.parser()), known(eval_recipe.parser())
+    sections = {"train": sampling, "sft": known(sft.parser()), "sample": sampling, "pairs": training,
+                "dpo": training, "eval_options": eval_flags}
     for section, allowed in sections.items():
         check(f"section {section}", cfg.get(section, {}), allowed)
     check("section teacher", cfg.get("teacher", {}), {"type", "model", "sampling"})
     check("section teacher.sampling", cfg.get("teacher", {}).get("sampling", {}), sampling)
     for split in SPLITS:
-        specs = cfg["eval"][split]
-        for spec in specs if isinstance(specs, list) else [specs]:
+        for spec in eval_specs(cfg, split):
             check(f"section eval.{split}", spec, eval_flags | {"data"})
 
 
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data-dir", help="fills {data_dir} in the config's paths")
     p.add_argument("--teacher", help="fills {teacher}: the teacher model directory of configs that sample one")
     args = p.parse_args(argv)
+    if args.seed is not None and args.seeds is not None:
+        fail("give --seed or --seeds, not both")
     cfg = read_json(args.config)
     check_config(cfg, args.config)
     for key in ("data_dir", "teacher"):
@@ -297,8 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = substitute(cfg, {"data_dir": args.data_dir or "", "teacher": args.teacher or ""})
     if args.model:
         cfg["model"] = args.model
-    evals = [s for split in SPLITS for s in (cfg["eval"][split] if isinstance(cfg["eval"][split], list)
-                                             else [cfg["eval"][split]])]
+    evals = [s for split in SPLITS for s in eval_specs(cfg, split)]
     check_outputs([("--model", cfg.get("model")), ("--teacher", cfg.get("teacher", {}).get("model")),
                    ("train.data", cfg["train"].get("data")),
                    *((f"eval data of {s['task']}", s.get("data")) for s in evals)],
@@ -308,12 +311,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.seeds is None:
         seed = args.seed if args.seed is not None else cfg.get("seed", 0)
         return Pipeline(cfg, out, seed, args.force).run()
-    if args.seed is not None:
-        fail("give --seed or --seeds, not both")
-    reports = {s: Pipeline(cfg, path, s, args.force).run() for s, path in seeds.seed_dirs(out, args.seeds).items()}
+    dirs = seeds.seed_dirs(out, args.seeds)
+    reports = {s: Pipeline(cfg, path, s, args.force).run() for s, path in dirs.items()}
     summary = seeds.across_seeds(reports, COMPARISONS)
-    write_json(out / "report.json", {**summary, "per_seed": {s: str(d / "report.json")
-                                                              for s, d in seeds.seed_dirs(out, args.seeds).items()},
+    write_json(out / "report.json", {**summary, "per_seed": {s: str(d / "report.json") for s, d in dirs.items()},
                                      "total_seconds": round(sum(r["total_seconds"] for r in reports.values()), 1)})
     print(seeds.markdown(summary, NAMES, COMPARISONS))
     print(f"report across seeds -> {out / 'report.json'}")

@@ -82,11 +82,10 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
     record = {"config": config, "inputs": digests, "git_commit": git_commit(), "versions": versions(),
               "seed": config.get("seed"),
               "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if prior is not None:
+    if prior is None:
+        write_json(run_file, record)
+    else:
         record = {**prior, "config": config, "inputs": {**prior.get("inputs", {}), **digests},
                   "resumed": prior.get("resumed", []) + [record["started"]]}
-        distributed.barrier()
-        return out, lambda: write_json(run_file, record)
-    write_json(run_file, record)
     distributed.barrier()
-    return out, lambda: None
+    return out, (lambda: None) if prior is None else (lambda: write_json(run_file, record))

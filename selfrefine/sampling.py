@@ -191,11 +191,11 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
     budget = {i: min(params.max_new_tokens, ctx - len(prompts[i])) for i, _ in rows}  # never outgrow the context
     slots = min(slots, len(rows))
     cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
-    positions = max(len(prompts[i]) + budget[i] - 1 for i, _ in rows)  # the last token is never fed
+    cache_len = max(len(prompts[i]) + budget[i] - 1 for i, _ in rows)  # the last token is never fed
     if log is not None:
-        size = kv_cache_bytes(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, positions, dtype.itemsize)
-        log(f"KV cache: {slots} slots x {positions} positions x {cfg.num_layers} layers = {size / 2**20:,.1f} MiB")
-    cache = SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads, positions, cfg.head_dim, dtype, device)
+        size = kv_cache_bytes(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, cache_len, dtype.itemsize)
+        log(f"KV cache: {slots} slots x {cache_len} positions x {cfg.num_layers} layers = {size / 2**20:,.1f} MiB")
+    cache = SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads, cache_len, cfg.head_dim, dtype, device)
     logits = torch.zeros(slots, cfg.vocab_size, device=device)  # row s: slot s's next-token logits
     waiting = list(rows)
     left = {}  # prompt -> its samples still waiting

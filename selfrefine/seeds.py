@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .recipes.eval import format_p, paired_answers
-from .tasks.stats import paired_comparison
+from .tasks.stats import PairedComparison, paired_comparison
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -33,21 +33,21 @@ def across_seeds(reports: dict[int, dict[str, Any]], comparisons: dict[str, tupl
         rows[row] = {split: {task: {key: spread([r["rows"][row][split][task][key] for r in reports.values()])
                                     for key in ("accuracy", "no_answer_rate")}
                              for task in tasks} for split, tasks in splits.items()}
-    pooled: dict[str, Any] = {}
-    for name, (a, b) in comparisons.items():
-        pooled[name] = {}
-        for split, tasks in first["rows"][a].items():
-            pooled[name][split] = {}
-            for task in tasks:
-                flags_a: list[bool] = []
-                flags_b: list[bool] = []
-                for r in reports.values():
-                    fa, fb = paired_answers(r["rows"][a][split][task]["predictions"],
-                                            r["rows"][b][split][task]["predictions"])[task]
-                    flags_a += fa
-                    flags_b += fb
-                pooled[name][split][task] = asdict(paired_comparison(flags_a, flags_b))
+    pooled = {name: {split: {task: asdict(pooled_comparison(reports, a, b, split, task)) for task in tasks}
+                     for split, tasks in first["rows"][a].items()}
+              for name, (a, b) in comparisons.items()}
     return {"seeds": list(reports), "rows": rows, "pooled": pooled}
+
+
+def pooled_comparison(reports: dict[int, dict[str, Any]], a: str, b: str, split: str, task: str) -> PairedComparison:
+    """B against A on one task, every seed's (question, A, B) pairs in one sample."""
+    flags_a: list[bool] = []
+    flags_b: list[bool] = []
+    for r in reports.values():
+        fa, fb = paired_answers(r["rows"][a][split][task]["predictions"], r["rows"][b][split][task]["predictions"])[task]
+        flags_a += fa
+        flags_b += fb
+    return paired_comparison(flags_a, flags_b)
 
 
 def markdown(summary: dict[str, Any], names: dict[str, str], comparisons: dict[str, tuple[str, str]]) -> str:

@@ -66,13 +66,17 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def check_training_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "grad_accum", "max_len", "lora_r"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.val_fraction < 1:
-        fail("--val-fraction must be in [0, 1)")
+    """What one flag cannot check alone (each flag's range is checked when parsed: `selfrefine.flags`)."""
     if args.fsdp and not args.full:
         fail("--fsdp shards full fine-tuning; LoRA's few trainable weights need only DDP (drop --fsdp)")
+
+
+def refuse_past_context(lengths: list[tuple[int | None, int]], ctx: int, what: str, source: str) -> None:
+    """(line, tokens) per record: past the model's context the position embeddings are untrained, so refuse
+    (never cut silently), naming the first such line."""
+    if too_long := [line for line, n in lengths if n > ctx]:
+        fail(f"{len(too_long)} {what}(s) longer than the model's max_position_embeddings ({ctx} tokens; the first "
+             f"here): set --max-len {ctx} or less to cut them", source, too_long[0])
 
 
 def pick_device(name: str) -> torch.device:

@@ -24,7 +24,7 @@ from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load
 from ..runs import start_run
 from ..trainer import autocast_context, train
 from .common import (add_model_args, add_training_args, check_training_args, load, make_trainable,
-                     run_training, save_outputs, train_config)
+                     refuse_past_context, run_training, save_outputs, train_config)
 
 REF_CACHE = "reference_logps.jsonl"
 
@@ -194,11 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
         pairs_path, built = out_dir / "pairs.jsonl", build_pairs_from_samples(args)
         records, skipped = [(None, r) for r in built], {"count": 0}
     pairs, cut = encode_pairs(tok, records, args.max_len, args.pairs or args.samples)
-    ctx = model.config.max_position_embeddings
-    if too_long := [line for (line, _), p in zip(records, pairs)
-                    if max(len(p.chosen.input_ids), len(p.rejected.input_ids)) > ctx]:
-        fail(f"{len(too_long)} pair(s) longer than the model's max_position_embeddings ({ctx} tokens; the first "
-             f"here): set --max-len {ctx} or less to cut them", args.pairs or args.samples, too_long[0])
+    refuse_past_context([(line, max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
+                         for (line, _), p in zip(records, pairs)],
+                        model.config.max_position_embeddings, "pair", args.pairs or args.samples)
     if warning := truncation_warning(cut, args.max_len):
         print(warning)
     if skipped["count"]:

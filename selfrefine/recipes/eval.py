@@ -206,9 +206,8 @@ def main(argv: list[str] | None = None) -> dict | list[tuple[str, PairedComparis
     check_outputs([("--model", args.model), ("--adapter", args.adapter), *((f"--task {n} data", d) for n, d in specs)],
                   [("--out", out), *((f"the predictions of --task {n}",
                                       out.with_name(f"{out.stem}.{n}.predictions.jsonl")) for n, _ in specs)])
-    data = [(load_task(name, path, args), path) for name, path in task_data(args)]  # all read before any output
+    data = [(load_task(name, path, args), path) for name, path in specs]  # all read before any output
     model, tok, _ = load(args)
-    out = Path(args.out)
     reports = [evaluate(model, tok, task, examples, path, args, out) for (task, examples), path in data]
     report = reports[0] if len(reports) == 1 else {"results": reports}
     if distributed.is_main():

@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   {"--out": args.out, "--out's partial file": f"{args.out}.partial", "--demos-out": demos})
     if args.demos_out and not args.keep_correct:
         fail("--demos-out goes with --keep-correct")
-    if args.batch_size < 1:
-        fail("--batch-size must be >= 1")
     sampling = {ptype: SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, n=args.n if ptype == "cot" else args.n_direct)
                 for ptype in PROMPT_TYPES[args.prompt]}

@@ -9,7 +9,6 @@ import torch
 
 from .. import distributed
 from ..data import encode_sft, pad_batch, read_sft
-from ..errors import fail
 from ..flags import Parser
 from ..io import append_jsonl
 from ..paths import check_outputs
@@ -17,7 +16,7 @@ from ..losses import packed_sft_loss, scored_positions
 from ..runs import start_run
 from ..trainer import METRICS, train
 from .common import (add_model_args, add_training_args, check_training_args, load, make_trainable,
-                     run_training, save_outputs, train_config)
+                     refuse_past_context, run_training, save_outputs, train_config)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,16 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok, device = load(args, training=True)
     rows = read_sft(args.data)
     examples, n_trunc = encode_sft(tok, rows, args.max_len, args.data)
-    ctx = model.config.max_position_embeddings  # past it the position embeddings are untrained: refuse, never cut
-    if too_long := [row[0] for row, ex in zip(rows, examples) if len(ex.input_ids) > ctx]:
-        fail(f"{len(too_long)} example(s) longer than the model's max_position_embeddings ({ctx} tokens; the first "
-             f"here): set --max-len {ctx} or less to cut them", args.data, too_long[0])
+    refuse_past_context([(row[0], len(ex.input_ids)) for row, ex in zip(rows, examples)],
+                        model.config.max_position_embeddings, "example", args.data)
     if n_trunc:
         print(f"warning: {n_trunc} completion(s) cut at --max-len {args.max_len} (their end-of-turn token is lost)")
     lora = make_trainable(model, args)
-    # After the checks: no stray run.
-    out, commit = start_run(args.out, vars(args), args.resume, args.allow_config_change,
-                    inputs={"model": args.model, "adapter": args.adapter, "data": args.data})
+    out, commit = start_run(args.out, vars(args), args.resume, args.allow_config_change,  # after every check
+                            inputs={"model": args.model, "adapter": args.adapter, "data": args.data})
     n_val = int(len(examples) * args.val_fraction)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(examples), generator=g).tolist()
