@@ -116,6 +116,7 @@ def measure(w: Workload, sides: dict[tuple[str, int], Callable[[Part], list[int]
             body: int, head: int) -> list[dict]:
     """One timed run of each side (after a two-prompt warm-up), in the order given: a table row each, printed as
     it is measured. On greedy parts every side must make the same number of tokens per row as the first."""
+    print(f"workload {w.name}: {w.what}", flush=True)
     prefill = sum(len(p) for part in w.parts for p in part.prompts)
     rows, first = [], None
     for (impl, batch), fn in sides.items():
