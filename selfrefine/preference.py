@@ -38,7 +38,7 @@ import random
 from collections import Counter
 
 from .errors import fail
-from .io import read_jsonl
+from .files import read_jsonl
 
 STRATEGIES = ("paper", "correct-vs-wrong", "cot-vs-direct")
 _SOURCES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # strategy -> (chosen, rejected) sources

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from .errors import fail
 from .fingerprint import code_version, digest
-from .io import read_json, write_json
+from .files import read_json, write_json
 
 
 def _why(old: dict, new: dict, force: bool) -> str:

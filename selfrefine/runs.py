@@ -15,11 +15,11 @@ from typing import Any, Callable
 from . import distributed
 from .errors import fail
 from .fingerprint import path_digest
-from .io import read_json, write_json
+from .files import read_json, write_json
 
 RUN_FILE = "run.json"
 # Flags that say how to run, not what to compute: changing them on resume is fine.
-NEUTRAL_KEYS = {"resume", "allow_config_change", "progress", "save_every"}
+NEUTRAL_KEYS = {"resume", "allow_config_change", "save_every"}
 
 
 def git_commit() -> str | None:

@@ -36,10 +36,10 @@ from typing import Any, Union
 import tokenizers
 
 from .errors import fail
-from .io import read_json
+from .files import read_json
 
 CHAT_FORMATS = ("chatml", "llama2", "llama3", "mistral", "plain")
-Messages = Union[str, list[dict[str, str]]]
+ChatInput = Union[str, list[dict[str, str]]]
 
 # A literal default system message in a ChatML template ("\n" may be a real newline or a Jinja escape).
 _DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]*?)<\|im_end\|>")
@@ -63,7 +63,7 @@ def default_system_prompt(template: str | None) -> str | None:
     return m.group(1).replace("\\n", "\n") if m else None
 
 
-def as_messages(messages: Messages) -> list[dict[str, str]]:
+def normalize_chat(messages: ChatInput) -> list[dict[str, str]]:
     """Validate a conversation; a plain string is one user turn."""
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
@@ -249,18 +249,18 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def render_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: ChatInput, add_generation_prompt: bool = True) -> str:
         """The conversation as the model's chat template writes it (control tokens as text)."""
         return "".join(text for text, _ in self._segments(messages, add_generation_prompt))
 
-    def encode_chat(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: ChatInput, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation: control ids where the template puts them, and the
         messages' own text (roles and contents) as plain text."""
         return self._plain.encode(self._segments(messages, add_generation_prompt))
 
-    def _segments(self, messages: Messages, add_generation_prompt: bool) -> list[Segment]:
+    def _segments(self, messages: ChatInput, add_generation_prompt: bool) -> list[Segment]:
         """`render_chat` as (text, is_template) segments."""
-        messages = as_messages(messages)
+        messages = normalize_chat(messages)
         bos = self.bos_token or ""
         fmt = self.chat_format
         out: list[Segment] = []
@@ -316,7 +316,7 @@ class Tokenizer:
                 add(user(m["content"]), template(self.eos_token if m["role"] == "assistant" else "\n\n"))
         return out
 
-    def encode_prompt_completion(self, messages: Messages, completion: str) -> tuple[list[int], list[int]]:
+    def encode_prompt_completion(self, messages: ChatInput, completion: str) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) for training on an assistant answer.
 
         The prompt is `encode_chat(messages)`; the completion is the answer as the template writes it,
@@ -326,7 +326,7 @@ class Tokenizer:
         the prompt) so that leading-space handling (sentencepiece) matches what the model produces when it
         generates; if the boundary merges into one token, the answer is tokenized on its own.
         """
-        messages = as_messages(messages)
+        messages = normalize_chat(messages)
         prompt_segments = self._segments(messages, add_generation_prompt=True)
         full = self._segments([*messages, {"role": "assistant", "content": completion}], add_generation_prompt=False)
         prompt_text = "".join(text for text, _ in prompt_segments)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import UserError
-from .io import append_jsonl, atomic_write, drop_torn_tail, write_jsonl
+from .files import append_jsonl, atomic_write, drop_torn_tail, write_jsonl
 from .schedule import MicroBatchOrder, cosine_lr, total_steps
 
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]

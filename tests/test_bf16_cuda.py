@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfrefine.data import SFTExample, pad_batch
+from selfrefine.data import TokenizedText, pad_batch
 from selfrefine.model import Transformer
 from selfrefine.recipes.sft import sft_step
 from selfrefine.trainer import TrainConfig, train
@@ -20,7 +20,7 @@ def run(tmp_path, autocast: bool) -> list[float]:
     cfg = tiny_config(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=4)
     model = Transformer(cfg).cuda()
     g = torch.Generator().manual_seed(1)
-    data = [SFTExample(ids := torch.randint(3, cfg.vocab_size, (64,), generator=g).tolist(), [-100] * 16 + ids[16:])
+    data = [TokenizedText(ids := torch.randint(3, cfg.vocab_size, (64,), generator=g).tolist(), [-100] * 16 + ids[16:])
             for _ in range(32)]
     losses: list[float] = []
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from selfrefine.errors import UserError
-from selfrefine.io import atomic_write
+from selfrefine.files import atomic_write
 from selfrefine.schedule import MicroBatchOrder, cosine_lr
 from selfrefine.trainer import CHECKPOINT, Interrupted, TrainConfig, TrainingDiverged, load_checkpoint, train
 
@@ -186,7 +186,7 @@ PROMPT_LENGTHS = (5, 9, 3, 12)
 def tiny_lm_problem(full: bool):
     """A float64 tiny Llama (`tests.helpers.tiny_config`) with LoRA (B non-zero, so A gets gradient too) or
     fully trainable, and 4 SFT examples whose answers are 2 to 65 tokens long."""
-    from selfrefine.data import IGNORE, SFTExample
+    from selfrefine.data import IGNORE, TokenizedText
     from selfrefine.lora import LoRAConfig, inject_lora
     from selfrefine.model import Transformer
     from tests.helpers import tiny_config
@@ -209,7 +209,7 @@ def tiny_lm_problem(full: bool):
     examples = []
     for n_prompt, n_answer in zip(PROMPT_LENGTHS, ANSWER_LENGTHS):
         ids = torch.randint(3, vocab, (n_prompt + n_answer,), generator=gen).tolist()
-        examples.append(SFTExample(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+        examples.append(TokenizedText(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
     return model, examples
 
 

@@ -17,7 +17,7 @@ from ..lora import LoRAConfig, inject_lora, load_adapter, merge_and_unload, save
 from ..tokenizer import Tokenizer
 from ..trainer import Interrupted, TrainConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -26,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    + ("" if required else " (required unless --compare)"))
     p.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model")
     p.add_argument("--device", default="auto", type=device_name, help="auto (cuda if available), cpu or cuda[:N]")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    p.add_argument("--dtype", default="auto", choices=["auto", *WEIGHT_DTYPES],
                    help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
 
 
@@ -95,7 +95,7 @@ def pick_device(name: str) -> torch.device:
 def pick_dtype(name: str, device: torch.device, training: bool) -> torch.dtype:
     """Inference: bfloat16 weights on CUDA. Training keeps float32 master weights (autocast does the bf16 math)."""
     if name != "auto":
-        return DTYPES[name]
+        return WEIGHT_DTYPES[name]
     return torch.bfloat16 if device.type == "cuda" and not training else torch.float32
 
 

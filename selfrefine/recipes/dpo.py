@@ -12,11 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..data import PairExample, as_messages, collate_pairs, encode_pair
+from ..data import TokenizedPair, record_messages, collate_pairs, encode_pair
 from ..errors import fail
 from ..flags import Parser, nonneg_float, positive_float, positive_int
 from ..fingerprint import code_version, digest, model_digest
-from ..io import read_jsonl, write_jsonl
+from ..files import read_jsonl, write_jsonl
 from ..lora import adapter_disabled
 from ..paths import check_outputs
 from ..losses import dpo_loss, packed_sequence_logps, scored_positions
@@ -111,11 +111,11 @@ def build_pairs_from_samples(args: argparse.Namespace) -> list[dict]:
 
 
 def encode_pairs(tok, records: list[tuple[int | None, dict]], max_len: int,
-                 path) -> tuple[list[PairExample], dict[str, int]]:
+                 path) -> tuple[list[TokenizedPair], dict[str, int]]:
     """Encoded pairs, fitted into `max_len` (`data.fit_pair`), and how many had their prompt or an answer cut."""
     out, cut = [], {"prompt": 0, "answer": 0}
     for line, rec in records:
-        prompt = as_messages(rec["prompt"], path, line, "prompt")
+        prompt = record_messages(rec["prompt"], path, line, "prompt")
         pair, prompt_cut, answer_cut = encode_pair(tok, prompt, rec, max_len, path, line)
         out.append(pair)
         cut["prompt"] += prompt_cut
@@ -149,7 +149,7 @@ def reference_key(args: argparse.Namespace, records: list[dict], device: torch.d
     })
 
 
-def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[PairExample], pad_id: int,
+def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int,
                          batch_size: int, out_dir: Path, key: str) -> None:
     """Reference log-probs for every pair, cached in OUT for resumes; reused only under the same `key`
     (`reference_key`), else recomputed and the cache rewritten."""
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   "samples": args.samples, "demos": args.demos})
     if built is not None:
         write_jsonl(pairs_path, built)
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad_id = tok.pad_id
     step = DPOStep(args, reference)
     if args.precompute_ref:
         key = reference_key(args, [r for _, r in records], device)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import distributed
 from ..errors import fail
 from ..flags import Parser, nonneg_int, positive_int
-from ..io import read_jsonl, write_json, write_jsonl
+from ..files import read_jsonl, write_json, write_jsonl
 from ..paths import check_outputs
 from ..sampling import SamplingParams, generate, plan_batches
 from ..tasks import Example, Task, get_task, grade, render_prompt, wilson_interval

@@ -13,7 +13,7 @@ from .. import distributed
 from ..errors import fail
 from ..flags import Parser, nonneg_float, nonneg_int, positive_int, unit_interval
 from ..fingerprint import path_digest
-from ..io import append_jsonl, drop_torn_tail, read_jsonl, write_jsonl
+from ..files import append_jsonl, drop_torn_tail, read_jsonl, write_jsonl
 from ..paths import check_outputs
 from ..sampling import SamplingParams, generate, plan_batches
 from ..tasks import Example, demonstration, get_task, grade, render_prompt

@@ -10,7 +10,7 @@ import torch
 from .. import distributed
 from ..data import encode_sft, pad_batch, read_sft
 from ..flags import Parser
-from ..io import append_jsonl
+from ..files import append_jsonl
 from ..paths import check_outputs
 from ..losses import packed_sft_loss, scored_positions
 from ..runs import start_run
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(examples), generator=g).tolist()
     val, train_set = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad_id = tok.pad_id
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"SFT: {len(train_set)} train / {len(val)} val examples, {n_params:,} trainable parameters, device {device}")
     last = run_training(train, model, train_set, lambda b: pad_batch(b, pad_id), sft_step, train_config(args),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import fail
-from ..io import read_json, read_jsonl, read_text
+from ..files import read_json, read_jsonl, read_text
 from . import Example, Source
 from .extract import canonical_number, normalize_number
 

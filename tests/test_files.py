@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfrefine.io import append_jsonl, drop_torn_tail, read_jsonl
+from selfrefine.files import append_jsonl, drop_torn_tail, read_jsonl
 
 
 def test_drop_torn_tail_keeps_complete_lines_and_lets_appends_continue(tmp_path: Path):
