@@ -1,8 +1,10 @@
-"""Checkpoint I/O against transformers on the same weights: HF-saved -> our loader, ours -> HF loader."""
+"""Checkpoint I/O against transformers on the same weights (ours -> HF loader, shards, dtypes, atomic saves) and
+the loader's user errors. The logits of HF-saved models read by our loader: tests/test_model.py."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,59 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from selfrefine.checkpoint import load_config, load_model, save_model
 from selfrefine.errors import UserError
+from tests.helpers import make_tiny_model_dir
+from tests.test_model import IDS, LLAMA3_ROPE, TINY, hf_dir, hf_logits, hf_model  # noqa: F401 (hf_dir: a fixture)
 
 transformers = pytest.importorskip("transformers")
-
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
-CASES = {
-    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
-    "llama3_untied": ("LlamaConfig", dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
-    "llama_headdim": ("LlamaConfig", dict(head_dim=8)),
-    "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
-    "qwen2_tied": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1000000.0)),
-}
-IDS = torch.tensor([[5, 17, 3, 88, 42, 9, 61, 0, 7, 33, 21, 90, 14, 2, 76, 50, 11, 8, 64, 30],
-                    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]])
-
-
-def hf_model(case: str, seed: int = 0):
-    """A transformers model with every parameter random (HF zero-inits biases, which would hide bugs)."""
-    cls, kw = CASES[case]
-    cfg = getattr(transformers, cls)(**TINY, **kw, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    return model
-
-
-def hf_logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-@pytest.fixture(scope="module", params=list(CASES))
-def hf_dir(request, tmp_path_factory) -> tuple[str, Path, torch.Tensor]:
-    model = hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return request.param, path, hf_logits(model)
-
-
-def test_load_matches_transformers(hf_dir):
-    case, path, expected = hf_dir
-    model = load_model(path)
-    with torch.no_grad():
-        ours = model(IDS)
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
-    assert not model.training
-    assert all(p.device.type == "cpu" for p in model.parameters()) and model.inv_freq.device.type == "cpu"
-    if model.config.tie_word_embeddings:
-        assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_save_roundtrip_through_transformers(hf_dir, tmp_path):
@@ -268,3 +221,13 @@ def test_shard_in_subfolder_and_linked_blob_load(broken, tmp_path_factory):
     (broken / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {n: "shards/model-00001-of-00001.safetensors" for n in names}}))
     assert isinstance(load_model(broken), torch.nn.Module)
+
+
+def test_load_refuses_non_finite_weights_naming_the_file_and_tensor(tmp_path):
+    d = make_tiny_model_dir(tmp_path / "m", num_layers=1)
+    load_model(d)  # finite: loads
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("inf")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=re.escape(f"{d / 'model.safetensors'}: tensor 'model.norm.weight' has non-finite")):
+        load_model(d)

@@ -1,5 +1,5 @@
-"""GGUF import: our dequantizers vs `gguf.quants`, our converted model/tokenizer vs `transformers` reading
-the same GGUF (the oracle), and the user errors (unsupported type, bad file, foreign architecture)."""
+"""GGUF import: our converted model/tokenizer vs `transformers` reading the same GGUF (the oracle), and the user
+errors (unsupported type, bad file, foreign architecture). The dequantizers alone: tests/test_gguf_quants.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from selfrefine.convert_gguf import convert, default_gguf_path, main, unpermute_qk
 from selfrefine.errors import UserError, cli_main
-from selfrefine.gguf_quants import QUANT_TYPES, dequantize
+from tests.test_gguf_quants import random_blocks
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -36,45 +36,7 @@ def load_model(path: Path) -> torch.nn.Module:
     return load_model(path, torch.float32).eval()
 
 
-# ---------------------------------------------------------------------------------------------- dequantizers
-
-
-def _random_blocks(name: str, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for types gguf cannot quantize (the K-quants), with finite float16 scales."""
-    _, block_bytes, _ = QUANT_TYPES[name]
-    b = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
-    for offset in {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[name]:
-        b[:, offset:offset + 2] = rng.uniform(-1, 1, (n_blocks, 1)).astype("<f2").view(np.uint8)
-    return b
-
-
-@pytest.mark.parametrize("name", list(QUANT_TYPES))
-def test_dequantize_matches_gguf(name: str) -> None:
-    rng = np.random.default_rng(0)
-    x = (rng.standard_normal((6, 512)) * rng.uniform(0.01, 3, (6, 1))).astype(np.float32)
-    try:
-        raw = gguf.quants.quantize(x, Q[name])
-    except NotImplementedError:
-        raw = _random_blocks(name, x.size // QUANT_TYPES[name][0], rng)
-    expected = gguf.quants.dequantize(raw, Q[name]).reshape(-1)
-    got = dequantize(raw, name, x.size)
-    assert got.dtype == np.float32 and got.shape == (x.size,)
-    np.testing.assert_array_equal(got, expected)
-    if name in ("F32", "F16", "BF16", "Q8_0"):  # sanity: these are close to the input
-        assert np.abs(got - x.reshape(-1)).max() <= 0.02 * np.abs(x).max()
-
-
-def test_q4_0_layout_by_hand() -> None:
-    """One block built byte by byte: d = 0.5, element j (j < 16) in the low nibble of byte j, j+16 in the high."""
-    q = np.arange(32) % 16
-    block = np.concatenate([np.frombuffer(np.float16(0.5).tobytes(), np.uint8),
-                            (q[:16] | (q[16:] << 4)).astype(np.uint8)])
-    np.testing.assert_array_equal(dequantize(block, "Q4_0", 32), (q - 8) * 0.5)
-
-
-def test_dequantize_rejects_wrong_size() -> None:
-    with pytest.raises(ValueError, match="expected 68 bytes"):
-        dequantize(np.zeros(67, np.uint8), "Q8_0", 64)
+# ------------------------------------------------------------------------------------ Q/K row permutation
 
 
 def test_unpermute_inverts_llama_cpp_permute() -> None:
@@ -156,7 +118,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", untied: bool = True, add_bo
         elif qtype in (Q.F32, Q.F16):
             w.add_tensor(name, gguf.quants.quantize(x, qtype))
         elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-            raw = _random_blocks(qtype.name, x.size // 256, rng).reshape(shape[0], -1)
+            raw = random_blocks(qtype.name, x.size // 256, rng).reshape(shape[0], -1)
             w.add_tensor(name, raw, raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)

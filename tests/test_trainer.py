@@ -11,7 +11,6 @@ import torch
 
 from selfrefine.errors import UserError
 from selfrefine.files import atomic_write
-from selfrefine.schedule import MicroBatchOrder, cosine_lr
 from selfrefine.trainer import CHECKPOINT, Interrupted, TrainConfig, TrainingDiverged, load_checkpoint, train
 
 
@@ -30,20 +29,6 @@ def toy_problem(seed: int = 0):
 
 
 CFG = TrainConfig(lr=0.05, max_steps=8, batch_size=3, grad_accum=2, warmup=2, seed=3)
-
-
-def test_cosine_schedule_shape():
-    lrs = [cosine_lr(s, 1.0, 2, 10) for s in range(10)]
-    assert lrs[0] == 0.5 and lrs[1] == 1.0
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
-    assert cosine_lr(10, 1.0, 2, 10) == pytest.approx(0.1)
-
-
-def test_micro_batches_cover_each_epoch_once():
-    order = MicroBatchOrder(10, 3, seed=0)
-    epoch0 = sum((order.micro_batch(k) for k in range(order.per_epoch)), [])
-    assert sorted(epoch0) == list(range(10))
-    assert order.micro_batch(order.per_epoch) != order.micro_batch(0) or order.per_epoch == 1
 
 
 def test_resume_after_sigint_is_bit_identical(tmp_path: Path):
