@@ -6,7 +6,7 @@
 """
 
 from selfrefine.errors import cli_main
-from selfrefine.recipes.sample import cli
+from selfrefine.recipes.sample import main
 
 if __name__ == "__main__":
-    cli_main(cli)
+    cli_main(main)

@@ -111,11 +111,9 @@ def encode_pair(tok, prompt: Conversation, rec: dict, max_len: int, path, line: 
     without the end-of-turn token: the model never ended that answer, and training it to would be a lie.
     """
     try:
-        p, c = tok.encode_prompt_completion(prompt, rec["chosen"])
-        p_r, r = tok.encode_prompt_completion(prompt, rec["rejected"])
+        p, (c, r) = tok.encode_answers(prompt, [rec["chosen"], rec["rejected"]])
     except UserError as e:  # the tokenizer knows what is wrong, not where: name the record
         fail(e.message, path, line)
-    assert p == p_r, "the prompt encodes the same for both answers"
     if rec.get("chosen_truncated") is True:
         c = c[:-1]
     if rec.get("rejected_truncated") is True:

@@ -92,19 +92,6 @@ def shard(items: list[T] | range) -> list[T]:
     return list(items)[rank()::world()]
 
 
-def merge_filled(results: list[list[T | None]]) -> list[list[T]]:
-    """Fill each None slot of a sharded result with the value the rank that computed it holds."""
-    if world() == 1:
-        return results
-    merged = [list(row) for row in results]
-    for other in all_gather_object(results):
-        for row, theirs in zip(merged, other):
-            for j, v in enumerate(theirs):
-                if v is not None:
-                    row[j] = v
-    return merged
-
-
 # ---- training ---------------------------------------------------------------------------------------------
 
 def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool) -> torch.nn.Module:

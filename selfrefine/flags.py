@@ -1,6 +1,6 @@
 """Flag types checked when the command line is parsed, so a bad value stops the script before anything is read
 or written: finite numbers in range, the allowed values named. A bad flag is one line on stderr,
-`error: --lr must be a finite number > 0, got 'nan'`, and exit code 2 (see `Parser`)."""
+`error: --lr must be a finite number, got 'nan'`, and exit code 2 (see `Parser`)."""
 
 from __future__ import annotations
 

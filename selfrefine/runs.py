@@ -41,6 +41,12 @@ def versions() -> dict[str, str]:
     return found
 
 
+def describe(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What a run folder records of how it was made: the config, the command, the code and library versions."""
+    return {"config": config, **extra, "git_commit": git_commit(), "versions": versions(), "command": sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_config_change: bool = False,
               inputs: dict[str, str | os.PathLike | None] | None = None) -> tuple[Path, Callable[[], None]]:
     """Create or re-open OUT; refuse a folder holding something else, a resume with another config, and a resume
@@ -79,9 +85,7 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
     elif out.exists() and any(out.iterdir()):
         fail("output folder is not empty and holds no run.json; choose a new --out", out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"config": config, "inputs": digests, "git_commit": git_commit(), "versions": versions(),
-              "seed": config.get("seed"),
-              "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {**describe(config, inputs=digests), "seed": config.get("seed")}
     if prior is None:
         write_json(run_file, record)
     else:

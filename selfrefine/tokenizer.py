@@ -326,8 +326,19 @@ class Tokenizer:
         the prompt) so that leading-space handling (sentencepiece) matches what the model produces when it
         generates; if the boundary merges into one token, the answer is tokenized on its own.
         """
+        prompt, (answer,) = self.encode_answers(messages, [completion])
+        return prompt, answer
+
+    def encode_answers(self, messages: ChatInput, completions: list[str]) -> tuple[list[int], list[list[int]]]:
+        """`encode_prompt_completion` for several answers to one prompt (a preference pair): the prompt is
+        rendered and tokenized once."""
         messages = normalize_chat(messages)
         prompt_segments = self._segments(messages, add_generation_prompt=True)
+        prompt = self._plain.encode(prompt_segments)
+        return prompt, [self._answer_ids(messages, prompt_segments, prompt, c) for c in completions]
+
+    def _answer_ids(self, messages: list[dict[str, str]], prompt_segments: list[Segment], prompt: list[int],
+                    completion: str) -> list[int]:
         full = self._segments([*messages, {"role": "assistant", "content": completion}], add_generation_prompt=False)
         prompt_text = "".join(text for text, _ in prompt_segments)
         assert "".join(text for text, _ in full).startswith(prompt_text), "chat rendering is not prefix-stable"
@@ -342,7 +353,6 @@ class Tokenizer:
         last = max(i for i, (text, kind) in enumerate(body) if kind and self.eot_token in text)
         text, kind = body[last]
         body = body[:last] + [(text[:text.rindex(self.eot_token)], kind)]
-        prompt = self._plain.encode(prompt_segments)
         in_context = self._plain.encode(prompt_segments + body)
         answer = in_context[len(prompt):] if in_context[:len(prompt)] == prompt else self._plain.encode(body)
-        return prompt, answer + [self.eot_id]
+        return answer + [self.eot_id]

@@ -70,9 +70,10 @@ def test_sample_resume_drops_a_torn_line_and_refuses_an_edited_data_file(model: 
     assert run(*args).returncode == 0
     full = out.read_text()
     # An interrupted run: the header and the first batch's two samples, then a torn third line.
+    from selfrefine.config import parse
     from selfrefine.recipes import sample
 
-    header = sample.partial_header(sample.parser().parse_args(args[1:]))
+    header = sample.partial_header(parse(sample.SampleConfig, args[1:], "sample.py"))
     done = [{**json.loads(line), "_q": i} for i, line in enumerate(full.splitlines()[:2])]
     partial = out.with_name(out.name + ".partial")
     partial.write_text("".join(json.dumps(r) + "\n" for r in [{"_header": header}, *done]) + '{"task": "ra')

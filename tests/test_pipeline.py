@@ -94,7 +94,8 @@ def test_budget_below_the_demonstrations_p99_warns(tmp_path: Path, capsys):
     demos.write_text("".join(json.dumps({"id": str(i), "prompt": "q", "completion": "word " * (10 + i)}) + "\n"
                              for i in range(20)))
     cfg = {**TINY, "sample": {**TINY["sample"], "max_new_tokens": 5}}
-    pipeline.check_budgets(Tokenizer.from_dir(model), demos, cfg)
+    budgets = pipeline.Pipeline(cfg, "tiny.json", tmp_path / "o", 0, False).sft_budgets()
+    pipeline.check_budgets(Tokenizer.from_dir(model), demos, budgets)
     printed = capsys.readouterr().out
     assert "warning: sample.max_new_tokens = 5 is below the demonstrations' p99 length" in printed
     assert "warning: eval.in_domain.max_new_tokens = 8 is below" in printed
@@ -108,21 +109,28 @@ def test_bad_config_is_one_line_error(tmp_path: Path):
 
 
 @pytest.mark.parametrize("name", ["demo.json", "gsm8k.json", "commonsense.json"])
-def test_shipped_configs_give_valid_flags(name: str):
-    """Every option in a shipped config is a flag its script accepts (a typo would only show hours in)."""
-    from selfrefine.recipes import dpo, eval as eval_recipe, sample, sft
+def test_shipped_configs_give_valid_flags(name: str, tmp_path: Path):
+    """Every option in a shipped config is a setting its recipe accepts (a typo would only show hours in): the
+    pipeline builds every stage's typed config up front."""
+    path = Path(__file__).parent.parent / "configs" / name
+    cfg = pipeline.substitute(json.loads(path.read_text()), {"data_dir": "/d", "teacher": "/t"})
+    pipeline.check_config(cfg, str(path))
+    run = pipeline.Pipeline(cfg, str(path), tmp_path, 0, False)
+    assert run.sft.lr == cfg["sft"]["lr"] and run.dpo.beta == cfg["dpo"]["beta"]
+    assert [run.evals[s].task for s in pipeline.SPLITS] == [
+        [spec["task"] for spec in pipeline.eval_specs(cfg, s)] for s in pipeline.SPLITS]
 
-    cfg = json.loads((Path(__file__).parent.parent / "configs" / name).read_text())
-    cfg = pipeline.substitute(cfg, {"data_dir": "/d", "teacher": "/t"})
-    base = ["--model", "m", "--out", "o"]
-    sft.parser().parse_args(base + ["--data", "x"] + pipeline.flags(cfg["sft"]))
-    dpo.parser().parse_args(base + ["--pairs", "x"] + pipeline.flags({**cfg.get("pairs", {}), **cfg["dpo"]}))
-    sample.parser().parse_args(base + pipeline.flags({**cfg["train"], **cfg["sample"]}))
-    if cfg["teacher"]["type"] == "model":
-        sample.parser().parse_args(base + pipeline.flags({**cfg["train"], **cfg["teacher"]["sampling"]}))
-    for split in pipeline.SPLITS:
-        specs = cfg["eval"][split] if isinstance(cfg["eval"][split], list) else [cfg["eval"][split]]
-        for spec in specs:
-            extra = {k: v for k, v in spec.items() if k not in ("task", "data")}
-            eval_recipe.parser().parse_args(base + ["--task", spec["task"]] + pipeline.flags(
-                {**cfg.get("eval_options", {}), **extra}))
+
+def test_section_key_overrides_reach_the_stages_and_are_recorded(tmp_path: Path):
+    model = make_tiny_model_dir(tmp_path / "model")
+    config, out = tmp_path / "tiny.json", tmp_path / "run"
+    config.write_text(json.dumps(TINY))
+    with pytest.raises(UserError, match="section sft: unknown key 'lrr'"):  # refused before anything is made
+        pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model), "sft.lrr=2e-2"])
+    assert not out.exists()
+    pipeline.main(["sft.lr=2e-2", "--config", str(config), "--out", str(out), "--model", str(model), "dpo.beta=0.2"])
+    record = json.loads((out / "run.json").read_text())
+    assert record["overrides"] == ["sft.lr=2e-2", "dpo.beta=0.2"]
+    assert (record["config"]["sft"]["lr"], record["config"]["dpo"]["beta"]) == (2e-2, 0.2)
+    assert json.loads((out / "sft" / "run.json").read_text())["config"]["lr"] == 2e-2
+    assert json.loads((out / "dpo" / "run.json").read_text())["config"]["beta"] == 0.2

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from .. import distributed
+from ..answers import Question, load_questions
 from ..checkpoint import load_model, save_model
+from ..config import Settings, setting
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 from ..lora import LoRAConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
@@ -20,55 +21,91 @@ from ..trainer import Interrupted, TrainConfig
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required,
-                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
-                   + ("" if required else " (required unless --compare)"))
-    p.add_argument("--adapter", help="LoRA adapter directory to apply on top of --model")
-    p.add_argument("--device", default="auto", type=device_name, help="auto (cuda if available), cpu or cuda[:N]")
-    p.add_argument("--dtype", default="auto", choices=["auto", *WEIGHT_DTYPES],
-                   help="weights dtype; auto = bfloat16 on CUDA, float32 on CPU")
+@dataclass
+class ModelOptions(Settings):
+    """Which model a recipe loads, where, and in what dtype."""
+
+    model: str | None = setting(None, "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)",
+                                required=True, group="model")
+    adapter: str | None = setting(None, "LoRA adapter directory to apply on top of --model", group="model")
+    device: str = setting("auto", "auto (cuda if available), cpu or cuda[:N]", parse=device_name, group="model")
+    dtype: str = setting("auto", "weights dtype; auto = bfloat16 on CUDA, float32 on CPU",
+                         choices=["auto", *WEIGHT_DTYPES], group="model")
 
 
-def add_training_args(p: argparse.ArgumentParser, lora_dropout: float = 0.05) -> None:
-    g = p.add_argument_group("training (shared by train_sft.py and train_dpo.py)")
-    g.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, checkpoint.pt, adapter/, merged/")
-    g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    g.add_argument("--lora-r", type=positive_int, default=16)
-    g.add_argument("--lora-alpha", type=positive_float, default=32)
-    g.add_argument("--lora-dropout", type=fraction, default=lora_dropout)
-    g.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    g.add_argument("--epochs", type=positive_float, default=1.0)
-    g.add_argument("--max-steps", type=nonneg_int, default=0, help="optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--lr", type=positive_float, default=2e-4)
-    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=positive_int, default=1)
-    g.add_argument("--max-len", type=positive_int, default=512, help="prompt + completion tokens")
-    g.add_argument("--warmup", type=nonneg_int, default=10, help="linear warmup steps before the cosine decay")
-    g.add_argument("--weight-decay", type=nonneg_float, default=0.0)
-    g.add_argument("--max-grad-norm", type=positive_float, default=1.0,
-                   help="clip the gradient norm to this (> 0)")
-    g.add_argument("--seed", type=nonneg_int, default=0)
-    g.add_argument("--save-every", type=nonneg_int, default=0, help="checkpoint every K steps (always at the end)")
-    g.add_argument("--precision", default="auto", choices=["auto", "float32"],
-                   help="auto: bfloat16 autocast on CUDA (float16 + grad scaler without bf16), float32 on CPU")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--fsdp", action="store_true",
-                   help="with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
-    g.add_argument("--merge", action="store_true", help="also write OUT/merged/, a full model directory")
-    g.add_argument("--val-fraction", type=fraction, default=0.0, help="held-out share of the data for a final val loss")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    g.add_argument("--allow-config-change", action="store_true", help="resume even if the flags differ")
+QUESTIONS = "questions"
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+@dataclass
+class QuestionOptions(Settings):
+    """Which questions of a task: shared by sampling and the demonstrations from rationales."""
+
+    task: str | None = setting(None, "a task name (see selfrefine.tasks), or raw for {id, prompt} JSONL",
+                               required=True, group=QUESTIONS)
+    data: str | None = setting(None, "the task's data file (the embedded arith tasks need none)", group=QUESTIONS)
+    split: str | None = setting(None, "train or test (default: test; train for demonstrations from rationales)",
+                                group=QUESTIONS)
+    size: int | None = setting(None, "embedded tasks: number of generated questions", parse=positive_int,
+                               group=QUESTIONS)
+    data_seed: int = setting(0, "embedded tasks: generator seed", parse=nonneg_int, group=QUESTIONS)
+    limit: int | None = setting(None, "first N questions only", parse=positive_int, group=QUESTIONS)
+
+    def questions(self, split: str) -> tuple[list[Question], str | None]:
+        """The questions and the task's kind (`answers.load_questions`), `split` unless --split says otherwise."""
+        return load_questions(self.task, self.data, self.split or split, self.size, self.data_seed, self.limit)
 
 
-def check_training_args(args: argparse.Namespace) -> None:
-    """What one flag cannot check alone (each flag's range is checked when parsed: `selfrefine.flags`)."""
-    if args.fsdp and not args.full:
-        fail("--fsdp shards full fine-tuning; LoRA's few trainable weights need only DDP (drop --fsdp)")
+TRAINING = "training (shared by train_sft.py and train_dpo.py)"
+
+
+@dataclass
+class TrainingOptions(ModelOptions):
+    """What train_sft.py and train_dpo.py share: the run folder, LoRA or full fine-tuning, the optimisation."""
+
+    out: str | None = setting(None, "run folder: run.json, metrics.jsonl, checkpoint.pt, adapter/, merged/",
+                              required=True, group=TRAINING)
+    full: bool = setting(False, "full fine-tuning instead of LoRA", group=TRAINING)
+    lora_r: int = setting(16, "LoRA rank", parse=positive_int, group=TRAINING)
+    lora_alpha: float = setting(32.0, "LoRA scale numerator (scale = alpha / r)", parse=positive_float, group=TRAINING)
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input, in [0, 1)", parse=fraction, group=TRAINING)
+    lora_targets: str = setting("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                "comma-separated names of the linear layers that get an adapter", group=TRAINING)
+    epochs: float = setting(1.0, "passes over the data", parse=positive_float, group=TRAINING)
+    max_steps: int = setting(0, "optimizer steps; overrides --epochs when > 0", parse=nonneg_int, group=TRAINING)
+    lr: float = setting(2e-4, "peak learning rate", parse=positive_float, group=TRAINING)
+    batch_size: int = setting(8, "examples per micro-batch", parse=positive_int, group=TRAINING)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", parse=positive_int, group=TRAINING)
+    max_len: int = setting(512, "prompt + completion tokens", parse=positive_int, group=TRAINING)
+    warmup: int = setting(10, "linear warmup steps before the cosine decay", parse=nonneg_int, group=TRAINING)
+    weight_decay: float = setting(0.0, "AdamW weight decay", parse=nonneg_float, group=TRAINING)
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (> 0)", parse=positive_float, group=TRAINING)
+    seed: int = setting(0, "seed of the adapter's initialisation, data order and dropout", parse=nonneg_int,
+                        group=TRAINING)
+    save_every: int = setting(0, "checkpoint every K steps (always at the end)", parse=nonneg_int, group=TRAINING)
+    precision: str = setting("auto", "auto: bfloat16 autocast on CUDA (float16 + grad scaler without bf16), "
+                             "float32 on CPU", choices=["auto", "float32"], group=TRAINING)
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward", group=TRAINING)
+    fsdp: bool = setting(False, "with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) "
+                         "instead of DDP", group=TRAINING)
+    merge: bool = setting(False, "also write OUT/merged/, a full model directory", group=TRAINING)
+    val_fraction: float = setting(0.0, "held-out share of the data for a final val loss", parse=fraction,
+                                  group=TRAINING)
+    resume: bool = setting(False, "continue from OUT/checkpoint.pt", group=TRAINING)
+    allow_config_change: bool = setting(False, "resume even if the settings differ", group=TRAINING)
+
+    def check(self) -> None:
+        if self.fsdp and not self.full:
+            fail("--fsdp shards full fine-tuning; LoRA's few trainable weights need only DDP (drop --fsdp)")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+
+    def lora_config(self) -> LoRAConfig | None:
+        """None for full fine-tuning."""
+        if self.full:
+            return None
+        return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
 
 
 def refuse_past_context(lengths: list[tuple[int | None, int]], ctx: int, what: str, source: str) -> None:
@@ -99,37 +136,35 @@ def pick_dtype(name: str, device: torch.device, training: bool) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" and not training else torch.float32
 
 
-def load(args: argparse.Namespace, training: bool = False) -> tuple[torch.nn.Module, Tokenizer, torch.device]:
-    """Model (with --adapter applied; merged into the weights for training) and tokenizer."""
-    device = pick_device(args.device)
+def load(opts: ModelOptions, training: bool = False,
+         tok: Tokenizer | None = None) -> tuple[torch.nn.Module, Tokenizer, torch.device]:
+    """Model (with --adapter applied; merged into the weights for training) and tokenizer (`tok` if already read)."""
+    device = pick_device(opts.device)
     distributed.init(device)
-    model = load_model(args.model, dtype=pick_dtype(args.dtype, device, training), device=device)
-    tok = Tokenizer.from_dir(args.model)
+    model = load_model(opts.model, dtype=pick_dtype(opts.dtype, device, training), device=device)
+    tok = tok or Tokenizer.from_dir(opts.model)
     if tok.vocab_size > model.config.vocab_size:  # ids past the embedding table would crash (or read garbage on CUDA)
         fail(f"tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
-             f"{model.config.vocab_size}: they belong to different models", Path(args.model) / "tokenizer.json")
-    if args.adapter:
-        load_adapter(model, args.adapter)
+             f"{model.config.vocab_size}: they belong to different models", Path(opts.model) / "tokenizer.json")
+    if opts.adapter:
+        load_adapter(model, opts.adapter)
         if training:  # start the new stage from base+adapter as plain weights
             model = merge_and_unload(model)
     return model, tok, device
 
 
-def make_trainable(model: torch.nn.Module, args: argparse.Namespace) -> LoRAConfig | None:
-    if args.full:
+def make_trainable(model: torch.nn.Module, lora: LoRAConfig | None, seed: int) -> None:
+    """Every weight trainable (lora None: full fine-tuning), or a fresh adapter on the `lora.targets` layers."""
+    if lora is None:
         for p in model.parameters():
             p.requires_grad_(True)
-        return None
-    torch.manual_seed(args.seed)  # the adapter's initialisation is part of the run's seeded state
-    cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                     targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
-    wrapped = inject_lora(model, cfg)
-    if not wrapped:
-        fail(f"--lora-targets {args.lora_targets!r} matched no linear layer of the model")
-    return cfg
+        return
+    torch.manual_seed(seed)  # the adapter's initialisation is part of the run's seeded state
+    if not inject_lora(model, lora):
+        fail(f"--lora-targets {','.join(lora.targets)!r} matched no linear layer of the model")
 
 
-def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, args: argparse.Namespace, out: Path) -> None:
+def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, base: str, out: Path) -> None:
     """OUT/adapter/ for LoRA; OUT/merged/ (a full model directory) with --merge or after full fine-tuning.
 
     Under torchrun rank 0 writes them (after FSDP, from the gathered full weights)."""
@@ -137,9 +172,9 @@ def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, args: argparse
     if model is not None and lora is not None:
         save_adapter(model, out / "adapter", lora)
         print(f"adapter -> {out / 'adapter'}")
-    if model is not None and (lora is None or args.merge):
+    if model is not None and (lora is None or merge):
         merged = merge_and_unload(model) if lora is not None else model
-        save_model(merged, out / "merged", tokenizer_from=args.model)
+        save_model(merged, out / "merged", tokenizer_from=base)
         print(f"merged model -> {out / 'merged'}")
     distributed.barrier()  # ranks finish together: one leaving while rank 0 writes can abort its teardown
 

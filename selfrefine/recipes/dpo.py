@@ -3,93 +3,124 @@ against a frozen reference (the same weights with the new adapter switched off, 
 
 from __future__ import annotations
 
-import argparse
 import copy
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..data import TokenizedPair, record_messages, collate_pairs, encode_pair
+from ..checkpoint import load_config
+from ..config import parse, setting
+from ..data import TokenizedPair, collate_pairs, encode_pair, record_messages
 from ..errors import fail
-from ..flags import Parser, nonneg_float, positive_float, positive_int
-from ..fingerprint import code_version, digest, model_digest
 from ..files import read_jsonl, write_jsonl
+from ..fingerprint import code_version, digest, model_digest
+from ..flags import fraction, nonneg_float, positive_float, positive_int
 from ..lora import adapter_disabled
-from ..paths import check_outputs
 from ..losses import dpo_loss, packed_sequence_logps, scored_positions
+from ..paths import check_outputs
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
 from ..runs import start_run
+from ..tokenizer import Tokenizer
 from ..trainer import autocast_context, train
-from .common import (add_model_args, add_training_args, check_training_args, load, make_trainable,
-                     refuse_past_context, run_training, save_outputs, train_config)
+from .common import TRAINING, TrainingOptions, load, make_trainable, refuse_past_context, run_training, save_outputs
 
 REF_CACHE = "reference_logps.jsonl"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="train_dpo.py", description=__doc__)
-    add_model_args(p)
-    src = p.add_argument_group("pairs: --pairs, or --samples (+ --demos) to build them first")
-    src.add_argument("--pairs", help='JSONL of {"prompt", "chosen", "rejected"} records')
-    src.add_argument("--samples", help="sample.py output on the training questions (cot and direct)")
-    src.add_argument("--demos", help="teacher demonstrations {id, prompt, completion}, chosen where the student has none")
-    src.add_argument("--strategy", default="paper", choices=STRATEGIES)
-    src.add_argument("--pairs-per-question", type=positive_int, default=1)
-    src.add_argument("--keep-truncated", action="store_true",
-                     help="reject samples cut at the token limit (encoded without an end-of-turn token) instead of "
-                          "dropping them; they are never chosen")
-    src.add_argument("--task", help="refuse a samples file of another task")
-    d = p.add_argument_group("DPO")
-    d.add_argument("--beta", type=positive_float, default=0.1, help="> 0")
-    d.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
-    d.add_argument("--label-smoothing", type=nonneg_float, default=0.0,
-                   help="in [0, 0.5); > 0 gives conservative DPO (sigmoid loss only)")
-    d.add_argument("--nll-weight", type=nonneg_float, default=0.0, help="weight of the NLL of the chosen answers (IRPO)")
-    d.add_argument("--average-logps", action="store_true", help="mean instead of sum of token log-probs per answer")
-    d.add_argument("--precompute-ref", action="store_true", help="score the reference once before training")
-    add_training_args(p, lora_dropout=0.0)
-    p.set_defaults(lr=5e-5)
-    return p
+PAIRS = "pairs: --pairs, or --samples (+ --demos) to build them first"
+LOSS = "DPO"
+
+
+@dataclass
+class DPOConfig(TrainingOptions):
+    pairs: str | None = setting(None, 'JSONL of {"prompt", "chosen", "rejected"} records', group=PAIRS)
+    samples: str | None = setting(None, "sample.py output on the training questions (cot and direct)", group=PAIRS)
+    demos: str | None = setting(None, "teacher demonstrations {id, prompt, completion}, chosen where the student "
+                                "has none", group=PAIRS)
+    strategy: str = setting("paper", "how pairs are built from the samples", choices=STRATEGIES, group=PAIRS)
+    pairs_per_question: int = setting(1, "pairs built per question", parse=positive_int, group=PAIRS)
+    keep_truncated: bool = setting(False, "reject samples cut at the token limit (encoded without an end-of-turn "
+                                   "token) instead of dropping them; they are never chosen", group=PAIRS)
+    task: str | None = setting(None, "refuse a samples file of another task", group=PAIRS)
+    beta: float = setting(0.1, "strength of the pull towards the reference (> 0)", parse=positive_float, group=LOSS)
+    loss: str = setting("sigmoid", "DPO's logistic loss, IPO's squared loss or the hinge",
+                        choices=["sigmoid", "ipo", "hinge"], group=LOSS)
+    label_smoothing: float = setting(0.0, "in [0, 0.5); > 0 gives conservative DPO (sigmoid loss only)",
+                                     parse=nonneg_float, group=LOSS)
+    nll_weight: float = setting(0.0, "weight of the NLL of the chosen answers (IRPO)", parse=nonneg_float, group=LOSS)
+    average_logps: bool = setting(False, "mean instead of sum of token log-probs per answer", group=LOSS)
+    precompute_ref: bool = setting(False, "score the reference once before training", group=LOSS)
+    lr: float = setting(5e-5, "peak learning rate", parse=positive_float, group=TRAINING)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input: must be 0 for DPO (policy and reference score "
+                                  "with one network)", parse=fraction, group=TRAINING)
+
+    def check(self) -> None:
+        super().check()
+        if self.label_smoothing >= 0.5:
+            fail(f"--label-smoothing must be in [0, 0.5) (0.5 makes chosen and rejected equal), got "
+                 f"{self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            fail(f"--label-smoothing applies to --loss sigmoid only, not {self.loss}")
+        if self.lora_dropout and not self.full:
+            fail("--lora-dropout must be 0 for DPO: policy and reference must score with the same network")
+        if not self.pairs and not self.samples:
+            fail("give --pairs, or --samples (and --demos) to build them")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What one DPO step minimises (the loss settings of `DPOConfig`)."""
+
+    beta: float
+    loss: str
+    label_smoothing: float
+    nll_weight: float
+    average_logps: bool
+
+    @classmethod
+    def of(cls, cfg: DPOConfig) -> "Objective":
+        return cls(cfg.beta, cfg.loss, cfg.label_smoothing, cfg.nll_weight, cfg.average_logps)
 
 
 class DPOStep:
     """One micro-batch: chosen and rejected through one forward pass, reference from cache or on the fly."""
 
-    def __init__(self, args: argparse.Namespace, reference: torch.nn.Module | None) -> None:
-        self.args, self.reference = args, reference
+    def __init__(self, objective: Objective, reference: torch.nn.Module | None) -> None:
+        self.objective, self.reference = objective, reference
 
     def logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(model.parameters()).device
         labels = batch["labels"].to(device)
         logits = model(batch["input_ids"].to(device), logits_at=scored_positions(labels))
-        return packed_sequence_logps(logits, labels, average=self.args.average_logps)
+        return packed_sequence_logps(logits, labels, average=self.objective.average_logps)
 
     @torch.no_grad()
     def reference_logps(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """(B, 2) reference log-probs of (chosen, rejected)."""
+        """(B, 2) reference log-probs of (chosen, rejected), float32 on the model's device."""
         if batch["ref_logps"] is not None:
-            return batch["ref_logps"]
+            return batch["ref_logps"].to(next(model.parameters()).device, non_blocking=True)
         ctx = adapter_disabled(model) if self.reference is None else nullcontext()
         with ctx:
             logps, _ = self.logps(self.reference or model, batch)
         half = logps.shape[0] // 2
-        return torch.stack([logps[:half], logps[half:]], dim=1).float().cpu()
+        return torch.stack([logps[:half], logps[half:]], dim=1).float()
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
         ref = self.reference_logps(model, batch)
         logps, counts = self.logps(model, batch)
         half = logps.shape[0] // 2
         pc, pr = logps[:half], logps[half:]
-        rc, rr = ref[:, 0].to(pc.device), ref[:, 1].to(pc.device)
-        a = self.args
-        losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta=a.beta, label_smoothing=a.label_smoothing, loss_type=a.loss)
+        o = self.objective
+        losses, r_c, r_r = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], beta=o.beta, label_smoothing=o.label_smoothing,
+                                    loss_type=o.loss)
         loss = losses.mean()
-        if a.nll_weight:
-            nll = -(pc if a.average_logps else pc / counts[:half]).mean()
-            loss = loss + a.nll_weight * nll
+        if o.nll_weight:
+            nll = -(pc if o.average_logps else pc / counts[:half]).mean()
+            loss = loss + o.nll_weight * nll
         metrics = {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
                    "rewards/accuracy": (r_c > r_r).float().mean().item(),
                    "rewards/margin": (r_c - r_r).mean().item(),
@@ -97,16 +128,14 @@ class DPOStep:
         return loss, metrics, batch["n_tokens"]
 
 
-def build_pairs_from_samples(args: argparse.Namespace) -> list[dict]:
+def build_pairs_from_samples(cfg: DPOConfig) -> list[dict]:
     """Pairs from --samples (and --demos), checked before anything is written."""
-    if not args.samples:
-        fail("give --pairs, or --samples (and --demos) to build them")
-    samples = load_samples(args.samples, task=args.task)
-    demos = load_demos(args.demos) if args.demos else []
-    pairs, stats = build_pairs(samples, demos, args.strategy, args.pairs_per_question, args.seed, args.keep_truncated)
+    samples = load_samples(cfg.samples, task=cfg.task)
+    demos = load_demos(cfg.demos) if cfg.demos else []
+    pairs, stats = build_pairs(samples, demos, cfg.strategy, cfg.pairs_per_question, cfg.seed, cfg.keep_truncated)
     print(format_stats(stats))
     if not pairs:
-        fail("no preference pairs could be built from these samples", args.samples)
+        fail("no preference pairs could be built from these samples", cfg.samples)
     return pairs
 
 
@@ -130,29 +159,29 @@ def truncation_warning(cut: dict[str, int], max_len: int) -> str | None:
             f"pair(s) an answer cut at the end to fit --max-len {max_len} (a cut answer loses its end-of-turn token)")
 
 
-def reference_key(args: argparse.Namespace, records: list[dict], device: torch.device) -> str:
-    """What the cached reference log-probs depend on: the pair records (flags included), the model (and the
+def reference_key(cfg: DPOConfig, records: list[dict], device: torch.device) -> str:
+    """What the cached reference log-probs depend on: the pair records (settings included), the model (and the
     --adapter merged into it), how pairs are encoded (max_len) and scored (average_logps, dtype, precision), which
     network is the reference (the policy with its adapter off, or a frozen copy with --full), the device type
     (kernels differ) and the library's code. Any change gives another key, and the cache is recomputed."""
     return digest({
         "pairs": records,
-        "model": model_digest(args.model),
-        "adapter": model_digest(args.adapter) if args.adapter else None,
-        "max_len": args.max_len,
-        "average_logps": args.average_logps,
-        "dtype": args.dtype,
-        "precision": args.precision,
-        "reference": "frozen-copy" if args.full else "adapter-off",
+        "model": model_digest(cfg.model),
+        "adapter": model_digest(cfg.adapter) if cfg.adapter else None,
+        "max_len": cfg.max_len,
+        "average_logps": cfg.average_logps,
+        "dtype": cfg.dtype,
+        "precision": cfg.precision,
+        "reference": "frozen-copy" if cfg.full else "adapter-off",
         "device": device.type,
         "code": code_version(),
     })
 
 
 def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int,
-                         batch_size: int, out_dir: Path, key: str) -> None:
-    """Reference log-probs for every pair, cached in OUT for resumes; reused only under the same `key`
-    (`reference_key`), else recomputed and the cache rewritten."""
+                         batch_size: int, precision: str, out_dir: Path, key: str) -> None:
+    """Reference log-probs for every pair (scored under the training steps' `precision`), cached in OUT for
+    resumes; reused only under the same `key` (`reference_key`), else recomputed and the cache rewritten."""
     cache = out_dir / REF_CACHE
     if cache.exists():
         rows = [r for _, r in read_jsonl(cache, allow_empty=True)]
@@ -162,7 +191,7 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Toke
             return
     was_training = model.training
     model.eval()
-    amp, _ = autocast_context(next(model.parameters()).device, step.args.precision)  # the same precision as the training steps
+    amp, _ = autocast_context(next(model.parameters()).device, precision)
     for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
         chunk = pairs[i:i + batch_size]
         with amp:
@@ -174,50 +203,55 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Toke
         write_jsonl(cache, [{"key": key, "chosen": p.ref_logps[0], "rejected": p.ref_logps[1]} for p in pairs])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parser().parse_args(argv)
-    check_outputs({"--model": args.model, "--adapter": args.adapter, "--pairs": args.pairs, "--samples": args.samples,
-                   "--demos": args.demos}, {"--out": args.out}, folders=["--out"])  # before anything loads
-    check_training_args(args)
-    if args.label_smoothing >= 0.5:
-        fail(f"--label-smoothing must be in [0, 0.5) (0.5 makes chosen and rejected equal), got {args.label_smoothing}")
-    if args.label_smoothing and args.loss != "sigmoid":
-        fail(f"--label-smoothing applies to --loss sigmoid only, not {args.loss}")
-    if args.lora_dropout and not args.full:
-        fail("--lora-dropout must be 0 for DPO: policy and reference must score with the same network")
-    out_dir = Path(args.out)
-    model, tok, device = load(args, training=True)
-    if args.pairs:
-        pairs_path, built = Path(args.pairs), None
-        records, skipped = load_pairs(pairs_path)
+def prepare_pairs(cfg: DPOConfig, tok: Tokenizer) -> tuple[list[tuple[int | None, dict]], list[TokenizedPair],
+                                                            list[dict] | None]:
+    """(pair records with their lines, encoded pairs, pairs built from --samples or None), all checked before the
+    model loads: a bad record costs no model load."""
+    if cfg.pairs:
+        records, skipped = load_pairs(cfg.pairs)
+        built = None
+        if skipped["count"]:
+            print(f"skipped {skipped['count']} unusable pair(s): empty at lines {skipped['empty']}, "
+                  f"chosen == rejected at lines {skipped['identical']}")
     else:  # the builder already dropped empty and identical pairs; pairs.jsonl is written once the run starts
-        pairs_path, built = out_dir / "pairs.jsonl", build_pairs_from_samples(args)
-        records, skipped = [(None, r) for r in built], {"count": 0}
-    pairs, cut = encode_pairs(tok, records, args.max_len, args.pairs or args.samples)
+        built = build_pairs_from_samples(cfg)
+        records = [(None, r) for r in built]
+    source = cfg.pairs or cfg.samples
+    pairs, cut = encode_pairs(tok, records, cfg.max_len, source)
     refuse_past_context([(line, max(len(p.chosen.input_ids), len(p.rejected.input_ids)))
                          for (line, _), p in zip(records, pairs)],
-                        model.config.max_position_embeddings, "pair", args.pairs or args.samples)
-    if warning := truncation_warning(cut, args.max_len):
+                        load_config(cfg.model).max_position_embeddings, "pair", source)
+    if warning := truncation_warning(cut, cfg.max_len):
         print(warning)
-    if skipped["count"]:
-        print(f"skipped {skipped['count']} unusable pair(s): empty at lines {skipped['empty']}, "
-              f"chosen == rejected at lines {skipped['identical']}")
-    reference = None
-    if args.full:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    lora = make_trainable(model, args)
-    _, commit = start_run(out_dir, vars(args), args.resume, args.allow_config_change,  # after every check
-                          inputs={"model": args.model, "adapter": args.adapter, "pairs": args.pairs,
-                                  "samples": args.samples, "demos": args.demos})
+    return records, pairs, built
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parse(DPOConfig, argv, "train_dpo.py", __doc__))
+
+
+def run(cfg: DPOConfig) -> dict:
+    """Train; returns the last logged metrics."""
+    check_outputs({"--model": cfg.model, "--adapter": cfg.adapter, "--pairs": cfg.pairs, "--samples": cfg.samples,
+                   "--demos": cfg.demos}, {"--out": cfg.out}, folders=["--out"])  # before anything loads
+    out_dir = Path(cfg.out)
+    tok = Tokenizer.from_dir(cfg.model)
+    records, pairs, built = prepare_pairs(cfg, tok)
+    model, tok, device = load(cfg, training=True, tok=tok)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.full else None
+    lora = cfg.lora_config()
+    make_trainable(model, lora, cfg.seed)
+    _, commit = start_run(out_dir, asdict(cfg), cfg.resume, cfg.allow_config_change,  # after every check
+                          inputs={"model": cfg.model, "adapter": cfg.adapter, "pairs": cfg.pairs,
+                                  "samples": cfg.samples, "demos": cfg.demos})
     if built is not None:
-        write_jsonl(pairs_path, built)
-    pad_id = tok.pad_id
-    step = DPOStep(args, reference)
-    if args.precompute_ref:
-        key = reference_key(args, [r for _, r in records], device)
-        precompute_reference(step, model, pairs, pad_id, args.batch_size, out_dir, key)
-    print(f"DPO: {len(pairs)} pairs, beta {args.beta}, loss {args.loss}, device {device}")
-    last = run_training(train, model, pairs, lambda b: collate_pairs(b, pad_id), step, train_config(args),
-                        out_dir, device, resume=args.resume, desc="dpo", on_start=commit)
-    save_outputs(model, lora, args, out_dir)
+        write_jsonl(out_dir / "pairs.jsonl", built)
+    step = DPOStep(Objective.of(cfg), reference)
+    if cfg.precompute_ref:
+        key = reference_key(cfg, [r for _, r in records], device)
+        precompute_reference(step, model, pairs, tok.pad_id, cfg.batch_size, cfg.precision, out_dir, key)
+    print(f"DPO: {len(pairs)} pairs, beta {cfg.beta}, loss {cfg.loss}, device {device}")
+    last = run_training(train, model, pairs, lambda b: collate_pairs(b, tok.pad_id), step, cfg.train_config(),
+                        out_dir, device, resume=cfg.resume, desc="dpo", on_start=commit)
+    save_outputs(model, lora, cfg.merge, cfg.model, out_dir)
     return last

@@ -11,110 +11,96 @@ difference B - A with Agresti and Min's 95% interval and the exact McNemar p-val
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import distributed
+from ..answers import answer, encode_prompts, load_questions
+from ..config import UsageError, parse, setting
 from ..errors import fail
-from ..flags import Parser, nonneg_int, positive_int
 from ..files import read_jsonl, write_json, write_jsonl
+from ..flags import nonneg_int, positive_int
 from ..paths import check_outputs
-from ..sampling import SamplingParams, generate, plan_batches
-from ..tasks import Example, Task, get_task, grade, render_prompt, wilson_interval
+from ..sampling import SamplingParams
+from ..tasks import get_task, wilson_interval
 from ..tasks.stats import PairedComparison, paired_comparison
-from .common import add_model_args, load
+from .common import ModelOptions, load
 
-EMBEDDED = ("arith", "arith_ood")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="eval.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p, required=False)  # --model, --task and --out: required unless --compare (check_args)
-    p.add_argument("--task", action="append",
-                   help="task name, repeatable; NAME=PATH gives its data file inline (required unless --compare)")
-    p.add_argument("--data", action="append", default=[], help="data file(s), in the order of the tasks that need one")
-    p.add_argument("--split", default="test", help="embedded tasks: train or test")
-    p.add_argument("--size", type=positive_int, help="embedded tasks: number of generated questions")
-    p.add_argument("--data-seed", type=nonneg_int, default=0)
-    p.add_argument("--limit", type=positive_int, help="first N questions of each task")
-    p.add_argument("--prompt", default="cot", choices=["cot", "direct"])
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
-    p.add_argument("--out", help="report JSON; predictions go to OUT-stem.<task>.predictions.jsonl "
-                                 "(required unless --compare)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                   help="compare two predictions files of the same questions instead of evaluating: per task, "
-                        "accuracy A -> B, the difference B - A with its 95%% interval (Agresti-Min), the discordant "
-                        "questions (A right only / B right only) and the exact McNemar p-value; needs no model")
-    return p
+TASKS = "tasks"
+PREDICTION_KEYS = ("task", "id", "prompt", "completion", "finish_reason", "pred", "answer_found", "gold", "correct")
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--model, --task and --out are required when evaluating; --compare takes none of the evaluation inputs."""
-    given = {"--model": args.model, "--adapter": args.adapter, "--task": args.task, "--data": args.data,
-             "--out": args.out}
-    if args.compare:
-        extra = [flag for flag, value in given.items() if value]
-        if extra:
-            p.error(f"--compare reads two predictions files and evaluates nothing; drop {', '.join(extra)}")
-    else:
-        missing = [flag for flag in ("--model", "--task", "--out") if not given[flag]]
-        if missing:
-            p.error(f"the following arguments are required: {', '.join(missing)} (or --compare A B)")
+@dataclass
+class EvalConfig(ModelOptions):
+    model: str | None = setting(None, "Hugging Face model directory (config.json, *.safetensors, tokenizer.json) "
+                                "(required unless --compare)", group="model")
+    task: list[str] = setting(help="task name, repeatable; NAME=PATH gives its data file inline (required unless "
+                              "--compare)", repeat=True, group=TASKS)
+    data: list[str] = setting(help="data file(s), in the order of the tasks that need one", repeat=True, group=TASKS)
+    split: str = setting("test", "embedded tasks: train or test", group=TASKS)
+    size: int | None = setting(None, "embedded tasks: number of generated questions", parse=positive_int, group=TASKS)
+    data_seed: int = setting(0, "embedded tasks: generator seed", parse=nonneg_int, group=TASKS)
+    limit: int | None = setting(None, "first N questions of each task", parse=positive_int, group=TASKS)
+    prompt: str = setting("cot", "the prompt type", choices=["cot", "direct"])
+    batch_size: int = setting(16, "decoding slots", parse=positive_int)
+    max_new_tokens: int = setting(256, "answer budget in tokens (an answer cut here counts as wrong)",
+                                  parse=positive_int)
+    out: str | None = setting(None, "report JSON; predictions go to OUT-stem.<task>.predictions.jsonl "
+                              "(required unless --compare)")
+    no_progress: bool = setting(False, "no progress bar")
+    compare: list[str] | None = setting(
+        None, "compare two predictions files of the same questions instead of evaluating: per task, accuracy "
+        "A -> B, the difference B - A with its 95% interval (Agresti-Min), the discordant questions (A right only / "
+        "B right only) and the exact McNemar p-value; needs no model", nargs=2, metavar=("A", "B"))
+
+    def check(self) -> None:
+        """--model, --task and --out are required when evaluating; --compare takes none of the evaluation inputs."""
+        given = {"--model": self.model, "--adapter": self.adapter, "--task": self.task, "--data": self.data,
+                 "--out": self.out}
+        if self.compare:
+            if extra := [flag for flag, value in given.items() if value]:
+                raise UsageError(f"--compare reads two predictions files and evaluates nothing; drop {', '.join(extra)}")
+        elif missing := [flag for flag in ("--model", "--task", "--out") if not given[flag]]:
+            raise UsageError(f"the following arguments are required: {', '.join(missing)} (or --compare A B)")
+
+    def task_data(self) -> list[tuple[str, str | None]]:
+        """Each --task with its data file: inline NAME=PATH, else the next --data (generated tasks need none)."""
+        pending = list(self.data)
+        pairs = []
+        for spec in self.task:
+            name, _, path = spec.partition("=")
+            if not path and get_task(name).needs_data:
+                if not pending:
+                    fail(f"task {name} needs a data file: --data PATH or --task {name}=PATH")
+                path = pending.pop(0)
+            pairs.append((name, path or None))
+        if pending:
+            fail(f"more --data files than tasks that need one: {pending}")
+        return pairs
+
+    def predictions_path(self, task: str) -> Path:
+        out = Path(self.out)
+        return out.with_name(f"{out.stem}.{task}.predictions.jsonl")
 
 
-def task_data(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    """Pair each --task with its data file: inline NAME=PATH, else the next --data (embedded tasks need none)."""
-    pending = list(args.data)
-    pairs = []
-    for spec in args.task:
-        name, _, path = spec.partition("=")
-        if not path and name not in EMBEDDED:
-            if not pending:
-                fail(f"task {name} needs a data file: --data PATH or --task {name}=PATH")
-            path = pending.pop(0)
-        pairs.append((name, path or None))
-    if pending:
-        fail(f"more --data files than tasks that need one: {pending}")
-    return pairs
-
-
-def load_task(name: str, path: str | None, args: argparse.Namespace) -> tuple[Task, list[Example]]:
-    task = get_task(name)
-    examples = task.load(path, limit=args.limit, split=args.split, size=args.size, seed=args.data_seed)
-    if not examples:
-        fail("no questions", path or name)
-    return task, examples
-
-
-def evaluate(model, tok, task: Task, examples: list[Example], path: str | None, args: argparse.Namespace,
-             out: Path) -> dict:
-    name = task.name
-    prompts = [render_prompt(e, task.kind, args.prompt) for e in examples]
-    ids = [tok.encode_chat(p) for p in prompts]
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    n_batches = len(plan_batches([len(i) for i in ids], 1, args.batch_size))  # under torchrun, a share per rank
-    outs = generate(model, ids, params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=args.batch_size,
-                    progress=not args.no_progress and distributed.is_main(),
-                    batches=distributed.shard(range(n_batches)))
-    outs = distributed.merge_filled(outs)
-    preds = []
-    for e, prompt, (c,) in zip(examples, prompts, outs):
-        g = grade(c.text, c.finish_reason, e.gold, task.kind, e.choices)
-        preds.append({"task": name, "id": e.id, "prompt": prompt, "completion": c.text,
-                      "finish_reason": c.finish_reason, "pred": g.pred, "answer_found": g.answer_found,
-                      "gold": e.gold, "correct": g.correct})
+def evaluate(model, tok, cfg: EvalConfig, task: str, path: str | None, loaded) -> dict:
+    """One task's report; its predictions are written beside OUT."""
+    questions, kind = loaded
+    prompts = encode_prompts(tok, questions, cfg.prompt, model.config.max_position_embeddings, source=path)
+    rows = answer(model, tok, task, questions, kind, cfg.prompt, prompts,
+                  SamplingParams(max_new_tokens=cfg.max_new_tokens), batch_size=cfg.batch_size,
+                  progress=not cfg.no_progress)
+    preds = [{k: rows[(i, 0)][k] for k in PREDICTION_KEYS} for i in range(len(questions))]
     k, n = sum(p["correct"] for p in preds), len(preds)
-    pred_path = out.with_name(f"{out.stem}.{name}.predictions.jsonl")
+    pred_path = cfg.predictions_path(task)
     if distributed.is_main():
         write_jsonl(pred_path, preds)
-    return {"task": name, "data": path, "split": args.split if path is None else None, "prompt": args.prompt,
+    return {"task": task, "data": path, "split": cfg.split if path is None else None, "prompt": cfg.prompt,
             "n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
             "no_answer_rate": sum(not p["answer_found"] for p in preds) / n,
             "truncation_rate": sum(p["finish_reason"] == "length" for p in preds) / n,
-            "max_new_tokens": args.max_new_tokens,
-            "model": args.model, "adapter": args.adapter, "predictions": str(pred_path)}
+            "max_new_tokens": cfg.max_new_tokens,
+            "model": cfg.model, "adapter": cfg.adapter, "predictions": str(pred_path)}
 
 
 def table(reports: list[dict]) -> str:
@@ -192,25 +178,27 @@ def comparison_line(task: str, c: PairedComparison) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | list[tuple[str, PairedComparison]]:
+    return run(parse(EvalConfig, argv, "eval.py", __doc__, argparse.RawDescriptionHelpFormatter))
+
+
+def run(cfg: EvalConfig) -> dict | list[tuple[str, PairedComparison]]:
     """Evaluate and return the report (one task's dict, or {"results": [...]}); with --compare, print the
     paired comparisons and return them as [(task, PairedComparison)]."""
-    p = parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    if args.compare:
-        comparisons = compare_predictions(*args.compare)
+    if cfg.compare:
+        comparisons = compare_predictions(*cfg.compare)
         for task, c in comparisons:
             print(comparison_line(task, c))
         return comparisons
-    out, specs = Path(args.out), task_data(args)  # outputs checked before any model loads or file is written
-    check_outputs([("--model", args.model), ("--adapter", args.adapter), *((f"--task {n} data", d) for n, d in specs)],
-                  [("--out", out), *((f"the predictions of --task {n}",
-                                      out.with_name(f"{out.stem}.{n}.predictions.jsonl")) for n, _ in specs)])
-    data = [(load_task(name, path, args), path) for name, path in specs]  # all read before any output
-    model, tok, _ = load(args)
-    reports = [evaluate(model, tok, task, examples, path, args, out) for (task, examples), path in data]
+    specs = cfg.task_data()  # outputs checked before any model loads or file is written
+    check_outputs([("--model", cfg.model), ("--adapter", cfg.adapter), *((f"--task {n} data", d) for n, d in specs)],
+                  [("--out", cfg.out), *((f"the predictions of --task {n}", cfg.predictions_path(n))
+                                         for n, _ in specs)])
+    data = [load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit)  # all read before any output
+            for name, path in specs]
+    model, tok, _ = load(cfg)
+    reports = [evaluate(model, tok, cfg, name, path, loaded) for (name, path), loaded in zip(specs, data)]
     report = reports[0] if len(reports) == 1 else {"results": reports}
     if distributed.is_main():
-        write_json(out, report)
+        write_json(cfg.out, report)
     print(table(reports))
     return report

@@ -1,109 +1,79 @@
 """Sample answers to a task's questions: teacher demonstrations (stage 1) and the student's own
-reasoning paths for self-refine (stage 2). One JSON line per sample, scored against the gold answer."""
+reasoning paths for self-refine (stage 2). One JSON line per sample, graded against the gold answer."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 from .. import distributed
+from ..answers import answer, encode_prompts
+from ..config import parse, setting
 from ..errors import fail
-from ..flags import Parser, nonneg_float, nonneg_int, positive_int, unit_interval
-from ..fingerprint import path_digest
 from ..files import append_jsonl, drop_torn_tail, read_jsonl, write_jsonl
+from ..fingerprint import path_digest
+from ..flags import nonneg_float, nonneg_int, positive_int, unit_interval
 from ..paths import check_outputs
-from ..sampling import SamplingParams, generate, plan_batches
-from ..tasks import Example, demonstration, get_task, grade, render_prompt
-from .common import add_model_args, load
+from ..sampling import SamplingParams
+from . import rationales
+from .common import QUESTIONS, ModelOptions, QuestionOptions, load
 
 PROMPT_TYPES = {"cot": ("cot",), "direct": ("direct",), "both": ("cot", "direct")}
+SAMPLING = "sampling"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="sample.py", description=__doc__)
-    add_model_args(p)
-    p.add_argument("--task", required=True, help="a task name (see selfrefine.tasks), or raw for {id, prompt} JSONL")
-    p.add_argument("--data", help="the task's data file (the embedded arith tasks need none)")
-    p.add_argument("--split", default="test", help="embedded tasks: train or test")
-    p.add_argument("--size", type=positive_int, help="embedded tasks: number of generated questions")
-    p.add_argument("--data-seed", type=nonneg_int, default=0, help="embedded tasks: generator seed")
-    p.add_argument("--limit", type=positive_int, help="first N questions only")
-    p.add_argument("--prompt", default="cot", choices=list(PROMPT_TYPES), help="both = cot and direct samples")
-    p.add_argument("--n", type=positive_int, default=1, help="samples per question (cot prompt)")
-    p.add_argument("--n-direct", type=positive_int, default=1, help="samples per question for the direct prompt")
-    p.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=unit_interval, default=1.0, help="in (0, 1]; 1 = off")
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="0 = off")
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--no-chat", action="store_true", help="plain text prompts, no chat template")
-    p.add_argument("--out", required=True, help="samples JSONL (written atomically at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.partial, skipping finished batches")
-    p.add_argument("--keep-correct", action="store_true", help="also write the correct cot answers as SFT demos")
-    p.add_argument("--demos-out", help="with --keep-correct: demonstrations JSONL {id, prompt, completion}")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+def sampling(default: Any, help: str, parse: Callable[[str], Any] | None = None, **kw: Any) -> Any:
+    """A setting of the sampling group (how the answers are drawn)."""
+    return setting(default, help, parse=parse, group=SAMPLING, **kw)
 
 
 @dataclass
-class Question:
-    id: str
-    example: Example | None  # None for --task raw
-    prompts: dict[str, str]  # prompt type -> user-turn text
-    line: int | None = None
+class SampleConfig(QuestionOptions, ModelOptions):
+    model: str | None = setting(None, "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)",
+                                group="model")  # required unless --from-rationales (`check`)
+    from_rationales: bool = setting(False, "write the data's own rationales (or the embedded task's programmatic "
+                                    "teacher) to --demos-out as demonstrations; no model, nothing sampled",
+                                    group=QUESTIONS)
+    prompt: str = sampling("cot", "both = cot and direct samples", choices=list(PROMPT_TYPES))
+    n: int = sampling(1, "samples per question (cot prompt)", positive_int)
+    n_direct: int = sampling(1, "samples per question for the direct prompt", positive_int)
+    temperature: float = sampling(0.0, "0 = greedy", nonneg_float)
+    top_p: float = sampling(1.0, "in (0, 1]; 1 = off", unit_interval)
+    top_k: int = sampling(0, "0 = off", nonneg_int)
+    max_new_tokens: int = sampling(256, "answer budget in tokens", positive_int)
+    batch_size: int = sampling(16, "decoding slots", positive_int)
+    seed: int = sampling(0, "sampling seed (a sample depends only on seed, question and sample index)", nonneg_int)
+    no_chat: bool = sampling(False, "plain text prompts, no chat template")
+    out: str | None = setting(None, "samples JSONL (written atomically at the end); required unless "
+                              "--from-rationales")
+    resume: bool = setting(False, "continue from OUT.partial, skipping finished batches")
+    keep_correct: bool = setting(False, "also write the correct cot answers as SFT demos")
+    demos_out: str | None = setting(None, "demonstrations JSONL {id, prompt, completion} (with --keep-correct "
+                                    "or --from-rationales)")
+    no_progress: bool = setting(False, "no progress bar")
 
+    def check(self) -> None:
+        if self.from_rationales:
+            allowed = set(rationales.RationalesConfig.field_map()) | {"from_rationales"}
+            extra = [f.name for f in fields(self) if f.name not in allowed and getattr(self, f.name) != f.default]
+            if extra:
+                fail(f"--from-rationales samples nothing; drop --{extra[0].replace('_', '-')}")
+            if not self.demos_out:
+                fail("--from-rationales writes --demos-out: give it")
+            return
+        for name in ("model", "out"):
+            if getattr(self, name) is None:
+                fail(f"--{name} is required (unless --from-rationales)")
+        if self.demos_out and not self.keep_correct:
+            fail("--demos-out goes with --keep-correct (or --from-rationales)")
 
-def load_questions(args: argparse.Namespace) -> tuple[list[Question], str | None]:
-    """(questions, task kind); raw prompts come with their line numbers for error messages."""
-    if args.task == "raw":
-        if not args.data:
-            fail("--task raw needs --data with {id, prompt} JSONL records")
-        if args.limit is not None and args.limit < 1:
-            fail(f"--limit must be >= 1, got {args.limit}")
-        rows = read_jsonl(args.data, required=("id", "prompt"))[: args.limit]
-        for line, r in rows:
-            if not isinstance(r["prompt"], str) or not r["prompt"].strip():
-                fail("field 'prompt' must be a non-empty string", args.data, line)
-        return unique([Question(str(r["id"]), None, {"cot": r["prompt"], "direct": r["prompt"]}, line)
-                       for line, r in rows], args.data), None
-    task = get_task(args.task)
-    examples = task.load(args.data, limit=args.limit, split=args.split, size=args.size, seed=args.data_seed)
-    if not examples:
-        fail("no questions", args.data or args.task)
-    return unique([Question(e.id, e, {t: render_prompt(e, task.kind, t) for t in ("cot", "direct")})
-                   for e in examples], args.data or args.task), task.kind
-
-
-def unique(questions: list[Question], source: str) -> list[Question]:
-    """Refuse a repeated question id here, naming it: samples, pairs and predictions are matched by id."""
-    first: dict[str, Question] = {}
-    for q in questions:
-        if q.id in first:
-            where = f" (first at line {first[q.id].line})" if first[q.id].line else ""
-            fail(f"question id {q.id!r} appears twice{where}; ids must be unique", source, q.line)
-        first[q.id] = q
-    return questions
-
-
-def score(q: Question, kind: str | None, completion: str, finish_reason: str) -> dict:
-    if q.example is None:
-        return {"pred": None, "answer_found": None, "gold": None, "correct": None}
-    g = grade(completion, finish_reason, q.example.gold, kind, q.example.choices)
-    return {"pred": g.pred, "answer_found": g.answer_found, "gold": q.example.gold, "correct": g.correct}
-
-
-def rationale_demos(questions: list[Question], kind: str) -> list[dict]:
-    """The data set's own rationales (or the embedded task's programmatic teacher) as demonstrations."""
-    demos = []
-    for q in questions:
-        text = demonstration(q.example, kind)
-        if text:
-            demos.append({"id": q.id, "prompt": q.prompts["cot"], "completion": text})
-    return demos
+    def demos_path(self) -> str | None:
+        """Where --keep-correct writes the demonstrations: --demos-out, else OUT-stem.demos.jsonl."""
+        if not self.keep_correct:
+            return None
+        return self.demos_out or str(Path(self.out).with_name(Path(self.out).stem + ".demos.jsonl"))
 
 
 def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
@@ -122,11 +92,11 @@ def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
     return {(r["prompt_type"], r["_q"], r["sample"]): r for _, r in rows[1:]}
 
 
-def partial_header(args: argparse.Namespace) -> dict:
+def partial_header(cfg: SampleConfig) -> dict:
     """What a partial file must have been made with to be resumed: the settings that change the samples, and
     the input files by content hash."""
-    header = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress", "batch_size")}
-    return {**header, "inputs": {flag: path_digest(getattr(args, flag)) for flag in ("model", "adapter", "data")}}
+    header = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "no_progress", "batch_size")}
+    return {**header, "inputs": {flag: path_digest(getattr(cfg, flag)) for flag in ("model", "adapter", "data")}}
 
 
 def partial_files(out: Path) -> tuple[Path, list[Path]]:
@@ -137,110 +107,78 @@ def partial_files(out: Path) -> tuple[Path, list[Path]]:
     return mine, sorted(p for p in out.parent.glob(f"{first.name}*") if p == first or p.suffix[1:].isdigit())
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parser().parse_args(argv)
-    demos = args.demos_out or (Path(args.out).with_name(Path(args.out).stem + ".demos.jsonl")
-                               if args.keep_correct else None)
-    check_outputs({"--model": args.model, "--adapter": args.adapter, "--data": args.data},  # before anything loads
-                  {"--out": args.out, "--out's partial file": f"{args.out}.partial", "--demos-out": demos})
-    if args.demos_out and not args.keep_correct:
-        fail("--demos-out goes with --keep-correct")
-    sampling = {ptype: SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, n=args.n if ptype == "cot" else args.n_direct)
-                for ptype in PROMPT_TYPES[args.prompt]}
-    questions, kind = load_questions(args)
-    model, tok, _ = load(args)
-    encode = (lambda text: tok.encode(text, add_bos=True)) if args.no_chat else tok.encode_chat
-    ctx = model.config.max_position_embeddings
-    encoded = {ptype: [encode(q.prompts[ptype]) for q in questions] for ptype in sampling}
-    for ptype, prompts in encoded.items():  # every check before any file is touched
-        for q, ids in zip(questions, prompts):
-            if len(ids) >= ctx:
-                fail(f"question {q.id}: prompt of {len(ids)} tokens leaves no room in the {ctx}-token context",
-                     args.data, q.line)
-    out = Path(args.out)
+def open_partial(cfg: SampleConfig, out: Path) -> tuple[Path, dict[tuple[str, int, int], dict]]:
+    """(this rank's partial file, the samples finished before): read with --resume, else cleared."""
     partial, partials = partial_files(out)
-    header = partial_header(args)
-    done = {key: r for p in partials for key, r in read_partial(p, header).items()} if args.resume else {}
+    header = partial_header(cfg)
+    done = {key: r for p in partials for key, r in read_partial(p, header).items()} if cfg.resume else {}
     distributed.barrier()  # every rank has read the partial files before any rank rewrites one
-    if not args.resume and distributed.is_main():
+    if not cfg.resume and distributed.is_main():
         for stale in partials:
             stale.unlink()
     distributed.barrier()
-    if not (args.resume and partial.exists()):
+    if not (cfg.resume and partial.exists()):
         write_jsonl(partial, [{"_header": header}])
+    return partial, done
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    return run(parse(SampleConfig, argv, "sample.py", __doc__))
+
+
+def run(cfg: SampleConfig) -> list[dict]:
+    """Sample, grade and write OUT (and the demonstrations with --keep-correct); returns the samples."""
+    if cfg.from_rationales:
+        return rationales.run(rationales.RationalesConfig(**{k: getattr(cfg, k)
+                                                             for k in rationales.RationalesConfig.field_map()}))
+    check_outputs({"--model": cfg.model, "--adapter": cfg.adapter, "--data": cfg.data},  # before anything loads
+                  {"--out": cfg.out, "--out's partial file": f"{cfg.out}.partial", "--demos-out": cfg.demos_path()})
+    questions, kind = cfg.questions("test")
+    model, tok, _ = load(cfg)
+    ptypes = PROMPT_TYPES[cfg.prompt]
+    ctx = model.config.max_position_embeddings
+    encoded = {t: encode_prompts(tok, questions, t, ctx, not cfg.no_chat, cfg.data) for t in ptypes}
+    out = Path(cfg.out)  # every check is done before any file is touched
+    partial, done = open_partial(cfg, out)
     records = []
-    for ptype in PROMPT_TYPES[args.prompt]:
-        prompts, params = encoded[ptype], sampling[ptype]
-        n = params.n
-        seed = args.seed + (0 if ptype == "cot" else 1_000_003)
-        plan = plan_batches([len(p) for p in prompts], n, args.batch_size)
-        todo = [b for b, rows in enumerate(plan) if any((ptype, i, j) not in done for i, j in rows)]
-        new: dict[tuple[str, int, int], dict] = {}
-
-        def save_batch(rows, completions, ptype=ptype, new=new):
-            for (i, j), c in zip(rows, completions):
-                q = questions[i]
-                rec = {"task": args.task, "id": q.id, "sample": j, "prompt_type": ptype, "prompt": q.prompts[ptype],
-                       "completion": c.text, "finish_reason": c.finish_reason,
-                       **score(q, kind, c.text, c.finish_reason), "_q": i}
-                append_jsonl(partial, rec)
-                new[(ptype, i, j)] = rec
-
-        generate(model, prompts, params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=args.batch_size,
-                 seed=seed, progress=not args.no_progress and distributed.is_main(),
-                 batches=distributed.shard(todo), on_batch=save_batch)
-        for rows in distributed.all_gather_object(new):  # every rank's batches, into the one plan order below
-            done.update(rows)
-        records += [{k: v for k, v in done[(ptype, i, j)].items() if k != "_q"}
-                    for i in range(len(questions)) for j in range(n)]
-    if not distributed.is_main():
-        return records
-    write_jsonl(out, records)
-    for p in partial_files(out)[1]:
-        os.unlink(p)
-    summary = f"{len(records)} samples -> {out}"
-    if kind is not None:
-        for ptype in PROMPT_TYPES[args.prompt]:
-            sub = [r for r in records if r["prompt_type"] == ptype]
-            summary += (f"; {ptype}: {sum(r['correct'] for r in sub)}/{len(sub)} correct, "
-                        f"{sum(r['finish_reason'] == 'length' for r in sub)} cut at the token limit, "
-                        f"{sum(not r['answer_found'] for r in sub)} without an answer")
-    print(summary)
-    if args.keep_correct:
-        demos, seen = [], set()
-        for r in records:
-            if r["prompt_type"] == "cot" and r["correct"] and r["id"] not in seen:
-                seen.add(r["id"])
-                demos.append({"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]})
-        dest = Path(args.demos_out or out.with_name(out.stem + ".demos.jsonl"))
-        write_jsonl(dest, demos)
-        print(f"{len(demos)} demonstrations (one correct cot answer per question) -> {dest}")
+    for ptype in ptypes:
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                top_p=cfg.top_p, n=cfg.n if ptype == "cot" else cfg.n_direct)
+        before = {(i, j): r for (t, i, j), r in done.items() if t == ptype}
+        new = answer(model, tok, cfg.task, questions, kind, ptype, encoded[ptype], params,
+                     batch_size=cfg.batch_size, seed=cfg.seed + (0 if ptype == "cot" else 1_000_003),
+                     progress=not cfg.no_progress, done=set(before),
+                     on_record=lambda row, rec: append_jsonl(partial, {**rec, "_q": row[0]}))
+        rows = {**before, **new}
+        records += [{k: v for k, v in rows[(i, j)].items() if k != "_q"}
+                    for i in range(len(questions)) for j in range(params.n)]
+    if distributed.is_main():
+        write_jsonl(out, records)
+        for p in partial_files(out)[1]:
+            os.unlink(p)
+        print(summary(records, out, kind, ptypes))
+        if cfg.keep_correct:
+            write_demos(records, Path(cfg.demos_path()))
     return records
 
 
-def rationales_main(argv: list[str] | None = None) -> list[dict]:
-    """`sample.py --from-rationales`: demonstrations from the data's own rationales, no model needed."""
-    p = Parser(prog="sample.py --from-rationales")
-    for flag in ("--task", "--data", "--split", "--demos-out"):
-        p.add_argument(flag, required=flag in ("--task", "--demos-out"))
-    p.add_argument("--size", type=positive_int)
-    p.add_argument("--data-seed", type=nonneg_int, default=0)
-    p.add_argument("--limit", type=positive_int)
-    args = p.parse_args(argv)
-    check_outputs({"--data": args.data}, {"--demos-out": args.demos_out})
-    args.split = args.split or "train"
-    questions, kind = load_questions(args)
-    demos = rationale_demos(questions, kind)
-    if not demos:
-        fail(f"task {args.task} has no rationales to use as demonstrations", args.data)
-    write_jsonl(args.demos_out, demos)
-    print(f"{len(demos)} demonstrations from the data's rationales -> {args.demos_out}")
-    return demos
+def summary(records: list[dict], out: Path, kind: str | None, ptypes: tuple[str, ...]) -> str:
+    text = f"{len(records)} samples -> {out}"
+    if kind is not None:
+        for ptype in ptypes:
+            sub = [r for r in records if r["prompt_type"] == ptype]
+            text += (f"; {ptype}: {sum(r['correct'] for r in sub)}/{len(sub)} correct, "
+                     f"{sum(r['finish_reason'] == 'length' for r in sub)} cut at the token limit, "
+                     f"{sum(not r['answer_found'] for r in sub)} without an answer")
+    return text
 
 
-def cli(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--from-rationales" in argv:
-        return rationales_main([a for a in argv if a != "--from-rationales"])
-    return main(argv)
+def write_demos(records: list[dict], dest: Path) -> None:
+    """The first correct cot answer of each question, as an SFT demonstration."""
+    demos, seen = [], set()
+    for r in records:
+        if r["prompt_type"] == "cot" and r["correct"] and r["id"] not in seen:
+            seen.add(r["id"])
+            demos.append({"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]})
+    write_jsonl(dest, demos)
+    print(f"{len(demos)} demonstrations (one correct cot answer per question) -> {dest}")

@@ -33,6 +33,7 @@ class Task:
     name: str
     kind: str  # "math" | "choice"
     source: Source = field(repr=False, compare=False)
+    needs_data: bool = True  # False: generated (arith, arith_ood), no data file
 
     def load(self, path: str | os.PathLike | None = None, limit: int | None = None, split: str = "test",
              size: int | None = None, seed: int = 0) -> list[Example]:
@@ -67,8 +68,8 @@ _TASKS = (
         "train": "train.jsonl", "valid": "valid.jsonl", "test": "valid.jsonl"})),
     Task("socialiqa", "choice", loaders.file_source("socialiqa", loaders.read_socialiqa, {
         "train": "train.jsonl", "dev": "dev.jsonl", "test": "dev.jsonl"})),
-    Task("arith", "math", arith.source(ood=False)),
-    Task("arith_ood", "math", arith.source(ood=True)),
+    Task("arith", "math", arith.source(ood=False), needs_data=False),
+    Task("arith_ood", "math", arith.source(ood=True), needs_data=False),
 )
 TASKS = {t.name: t for t in _TASKS}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)

@@ -3,7 +3,6 @@ and a short run that separates chosen from rejected."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -26,8 +25,8 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def dpo_args(**kw) -> argparse.Namespace:
-    return dpo.parser().parse_args(["--model", "m", "--out", "o", *sum(([f"--{k}", str(v)] for k, v in kw.items()), [])])
+def objective(**kw) -> dpo.Objective:
+    return dpo.Objective.of(dpo.DPOConfig(model="m", out="o", pairs="p", **kw))
 
 
 def encoded(tiny_dir: Path, pairs: Path):
@@ -63,7 +62,7 @@ def test_reference_weights_stay_bit_identical(tiny_dir: Path, pairs: Path, tmp_p
         model.requires_grad_(True)
     else:
         inject_lora(model, LoRAConfig(r=4, dropout=0.0))
-    step = dpo.DPOStep(dpo_args(beta=0.5), reference)
+    step = dpo.DPOStep(objective(beta=0.5), reference)
     train(model, examples, lambda b: collate_pairs(b, tok.pad_id), step,
           TrainConfig(lr=1e-2, max_steps=4, batch_size=3, warmup=0), tmp_path, torch.device("cpu"))
     frozen = reference if full else model
@@ -82,8 +81,8 @@ def test_precomputed_reference_matches_on_the_fly(tiny_dir: Path, pairs: Path, t
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    step = dpo.DPOStep(dpo_args(), None)
-    dpo.precompute_reference(step, model, examples, tok.pad_id, 4, tmp_path, key="k")
+    step = dpo.DPOStep(objective(), None)
+    dpo.precompute_reference(step, model, examples, tok.pad_id, 4, "auto", tmp_path, key="k")
     batch = collate_pairs(examples[1:4], tok.pad_id)
     cached = batch["ref_logps"]
     batch["ref_logps"] = None

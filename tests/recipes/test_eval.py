@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from selfrefine import answers as answering
+from selfrefine.config import parser
 from selfrefine.errors import UserError
 from selfrefine.recipes import eval as eval_recipe
 from selfrefine.sampling import Completion
@@ -69,11 +71,13 @@ def test_right_answer_cut_at_the_limit_counts_wrong(tiny_dir: Path, tmp_path: Pa
     script = [(f"So it is 3. The answer is {examples[0].gold}.", "stop"), (f"The answer is {examples[1].gold}.", "length"),
               ("I am not sure.", "stop"), ("Let's think step by", "length")]
 
-    def fake_generate(model, ids, params, *, batches, **kw):
+    def fake_generate(model, ids, params, *, batches, on_batch, **kw):
         assert len(ids) == 4
-        return [[Completion([], text, reason)] for text, reason in script]
+        outs = [[Completion([], text, reason)] for text, reason in script]
+        on_batch([(i, 0) for i in range(4)], [c for c, in outs])
+        return outs
 
-    monkeypatch.setattr(eval_recipe, "generate", fake_generate)
+    monkeypatch.setattr(answering, "generate", fake_generate)
     report = run_eval(tiny_dir, tmp_path / "r.json")
     recs = predictions(report)
     assert [r["id"] for r in recs] == [e.id for e in examples]
@@ -164,4 +168,5 @@ def test_flags_required_only_without_compare(tmp_path: Path, capsys):
     assert "drop --model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_recipe.main(["--compare", "a"])  # nargs=2
-    assert "--compare" in eval_recipe.parser().format_help() and "A B" in eval_recipe.parser().format_help()
+    help_text = parser(eval_recipe.EvalConfig, "eval.py", None).format_help()
+    assert "--compare" in help_text and "A B" in help_text
