@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -180,66 +181,23 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
 
     Each step samples one token for every busy slot and feeds them in one forward over a `SlotCache`
     (per-row write index, RoPE position and mask). A finished row is handed to `on_row` and its slot
-    refilled at once: the waiting rows' prompts are prefilled together (right-padded, plainly causal), each
-    prompt once for all its samples, and its keys/values copied into their slots (a prompt whose samples
-    do not all fit yet keeps its prefill until they do). Nothing is padded or recomputed, and no cache row
+    refilled at once from the waiting rows (`_Waiting`). Nothing is padded or recomputed, and no cache row
     moves when a row finishes. Row (i, j) draws from `row_rng(seed, i, j)`, so its tokens do not depend
     on `slots`, the order or the company of `rows`.
     """
-    ctx = model.config.max_position_embeddings
-    device = model.model.embed_tokens.weight.device
+    ctx, device = model.config.max_position_embeddings, model.model.embed_tokens.weight.device
     budget = {i: min(params.max_new_tokens, ctx - len(prompts[i])) for i, _ in rows}  # never outgrow the context
     slots = min(slots, len(rows))
-    cfg, dtype = model.config, model.model.embed_tokens.weight.dtype
-    cache_len = max(len(prompts[i]) + budget[i] - 1 for i, _ in rows)  # the last token is never fed
-    if log is not None:
-        size = kv_cache_bytes(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, cache_len, dtype.itemsize)
-        log(f"KV cache: {slots} slots x {cache_len} positions x {cfg.num_layers} layers = {size / 2**20:,.1f} MiB")
-    cache = SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads, cache_len, cfg.head_dim, dtype, device)
-    logits = torch.zeros(slots, cfg.vocab_size, device=device)  # row s: slot s's next-token logits
-    waiting = list(rows)
-    left = {}  # prompt -> its samples still waiting
-    for i, _ in rows:
-        left[i] = left.get(i, 0) + 1
-    stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # prompt -> (k, v, logits) of its prefill
+    cache = _slot_cache(model, slots, max(len(prompts[i]) + budget[i] - 1 for i, _ in rows), log)
+    logits = torch.zeros(slots, model.config.vocab_size, device=device)  # row s: slot s's next-token logits
+    waiting = _Waiting(model, prompts, rows)
     busy: list[_Row | None] = [None] * slots
-
-    def admit() -> None:
-        free = [s for s in range(slots) if busy[s] is None]
-        take = waiting[:len(free)]
-        del waiting[:len(take)]
-        new = list(dict.fromkeys(i for i, _ in take if i not in stash))  # in the order they wait
-        if new:
-            lens = [len(prompts[i]) for i in new]
-            L = max(lens)
-            ids = torch.tensor([prompts[i] + [0] * (L - len(prompts[i])) for i in new], device=device)
-            tmp = model.new_cache(len(new), L)
-            positions = torch.arange(L, device=device).expand(len(new), L)
-            hidden = model.hidden_states(ids, positions, None, tmp)  # right padding: causal alone hides it
-            last = model.lm_head(hidden[torch.arange(len(new), device=device),
-                                        torch.tensor(lens, device=device) - 1]).float()
-            for r, (i, n) in enumerate(zip(new, lens)):
-                stash[i] = (tmp.k[:, r:r + 1, :, :n], tmp.v[:, r:r + 1, :, :n], last[r])
-        by_prompt: dict[int, list[int]] = {}
-        for s, (i, j) in zip(free, take):
-            by_prompt.setdefault(i, []).append(s)
-            busy[s] = _Row(i, j, budget[i], row_rng(seed, i, j) if params.temperature else None,
-                           StopScanner(decode, params.stop_strings) if params.stop_strings else None,
-                           length=len(prompts[i]))
-        for i, ss in by_prompt.items():
-            k, v, lg = stash[i]
-            idx, n = torch.tensor(ss, device=device), k.shape[3]
-            cache.k[:, idx, :, :n] = k  # one prefill, copied into every slot of its samples
-            cache.v[:, idx, :, :n] = v
-            logits[idx] = lg
-            left[i] -= len(ss)
-            if not left[i]:
-                del stash[i]
-            elif i in new:  # samples still wait: keep this prompt's prefill, not the whole prefill batch
-                stash[i] = (k.clone(), v.clone(), lg.clone())
-
-    admit()
     while True:
+        if waiting.rows:  # fill the free slots: at the start, then as soon as rows finish
+            for s, (i, j) in waiting.admit([s for s in range(slots) if busy[s] is None], cache, logits):
+                busy[s] = _Row(i, j, budget[i], row_rng(seed, i, j) if params.temperature else None,
+                               StopScanner(decode, params.stop_strings) if params.stop_strings else None,
+                               length=len(prompts[i]))
         active = [s for s in range(slots) if busy[s] is not None]
         if not active:
             break
@@ -248,33 +206,103 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
             if params.temperature else None
         tokens = next_tokens(logits[:hi], params, uniforms).tolist()
         for s in active:
-            row, tok = busy[s], tokens[s]
-            if tok in stop_ids:
-                c = completion(row.out, "stop", decode)
-            else:
-                row.out.append(tok)
-                if row.scanner is not None and row.scanner.hit(row.out):
-                    c = completion(row.out, "stop", decode, params.stop_strings)
-                elif len(row.out) == row.budget:
-                    c = completion(row.out, "length", decode)
-                else:
-                    continue
-            busy[s] = None
-            on_row((row.prompt, row.sample), c)
-        fed = [s for s in active if busy[s] is not None]
-        if fed:  # one forward: every busy row's last token, at its own slot and position
-            hi = fed[-1] + 1
-            at = [busy[s].length if busy[s] is not None else 0 for s in range(hi)]  # a free slot writes at 0
-            index = torch.tensor(at, device=device)
-            cache.index, cache.span = index, max(at) + 1
-            mask = (torch.arange(cache.span, device=device)[None] <= index[:, None])[:, None, None]
-            ids = torch.tensor([tokens[s] if busy[s] is not None else 0 for s in range(hi)], device=device)
-            hidden = model.hidden_states(ids[:, None], index[:, None], mask, cache)
-            logits[:hi] = model.lm_head(hidden[:, -1]).float()
-            for s in fed:
-                busy[s].length += 1
-        if waiting:
-            admit()
+            row = busy[s]
+            c = _finished(row, tokens[s], stop_ids, decode, params.stop_strings)
+            if c is not None:
+                busy[s] = None
+                on_row((row.prompt, row.sample), c)
+        if any(row is not None for row in busy):
+            _feed(model, cache, logits, busy, tokens)
+
+
+def _slot_cache(model: Transformer, slots: int, positions: int, log: Callable[[str], None] | None) -> SlotCache:
+    """An empty cache of `slots` rows of `positions` (a row's last token is never fed), its size logged first."""
+    cfg, weight = model.config, model.model.embed_tokens.weight
+    if log is not None:
+        size = kv_cache_bytes(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, positions, weight.dtype.itemsize)
+        log(f"KV cache: {slots} slots x {positions} positions x {cfg.num_layers} layers = {size / 2**20:,.1f} MiB")
+    return SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads, positions, cfg.head_dim, weight.dtype,
+                           weight.device)
+
+
+def _prefill(model: Transformer, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(keys, values, next-token logits) of each prompt, from one forward over them all (right-padded:
+    causal attention alone hides the padding)."""
+    device = model.model.embed_tokens.weight.device
+    lens = [len(p) for p in prompts]
+    L = max(lens)
+    ids = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)
+    tmp = model.new_cache(len(prompts), L)
+    positions = torch.arange(L, device=device).expand(len(prompts), L)
+    hidden = model.hidden_states(ids, positions, None, tmp)
+    last = model.lm_head(hidden[torch.arange(len(prompts), device=device),
+                                torch.tensor(lens, device=device) - 1]).float()
+    return [(tmp.k[:, r:r + 1, :, :n], tmp.v[:, r:r + 1, :, :n], last[r]) for r, n in enumerate(lens)]
+
+
+class _Waiting:
+    """The rows waiting for a slot, and their prompts' prefills: each prompt is prefilled once for all its
+    samples, and a prompt whose samples do not all fit yet keeps its prefill until they do."""
+
+    def __init__(self, model: Transformer, prompts: list[list[int]], rows: list[tuple[int, int]]) -> None:
+        self.model, self.prompts, self.rows = model, prompts, list(rows)
+        self.left = Counter(i for i, _ in rows)  # prompt -> its samples still waiting
+        self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # prompt -> (k, v, logits)
+
+    def admit(self, free: list[int], cache: SlotCache, logits: torch.Tensor) -> list[tuple[int, tuple[int, int]]]:
+        """Moves the next rows into the `free` slots (their prompt's keys/values into `cache`, its next-token
+        logits into `logits`), the new prompts among them prefilled together; returns (slot, row) pairs."""
+        placed = list(zip(free, self.rows))
+        del self.rows[:len(placed)]
+        new = list(dict.fromkeys(i for _, (i, _) in placed if i not in self.stash))  # in the order they wait
+        if new:
+            self.stash.update(zip(new, _prefill(self.model, [self.prompts[i] for i in new])))
+        by_prompt: dict[int, list[int]] = {}
+        for s, (i, _) in placed:
+            by_prompt.setdefault(i, []).append(s)
+        for i, ss in by_prompt.items():
+            k, v, lg = self.stash[i]
+            idx, n = torch.tensor(ss, device=logits.device), k.shape[3]
+            cache.k[:, idx, :, :n] = k  # one prefill, copied into every slot of its samples
+            cache.v[:, idx, :, :n] = v
+            logits[idx] = lg
+            self.left[i] -= len(ss)
+            if not self.left[i]:
+                del self.stash[i]
+            elif i in new:  # samples still wait: keep this prompt's prefill, not the whole prefill batch
+                self.stash[i] = (k.clone(), v.clone(), lg.clone())
+        return placed
+
+
+def _finished(row: _Row, tok: int, stop_ids: set[int], decode: Callable[[list[int]], str] | None,
+              stop_strings: tuple[str, ...]) -> Completion | None:
+    """The row's completion if `tok` ends it (a stop id, a stop string or the budget), else None; every token
+    but a stop id joins the row's output."""
+    if tok in stop_ids:
+        return completion(row.out, "stop", decode)
+    row.out.append(tok)
+    if row.scanner is not None and row.scanner.hit(row.out):
+        return completion(row.out, "stop", decode, stop_strings)
+    if len(row.out) == row.budget:
+        return completion(row.out, "length", decode)
+    return None
+
+
+def _feed(model: Transformer, cache: SlotCache, logits: torch.Tensor, busy: list[_Row | None],
+          tokens: list[int]) -> None:
+    """One forward: every busy row's last token, at its own slot and position; the new next-token logits
+    go into `logits`."""
+    fed = [s for s, row in enumerate(busy) if row is not None]
+    hi, device = fed[-1] + 1, logits.device
+    at = [busy[s].length if busy[s] is not None else 0 for s in range(hi)]  # a free slot writes at 0
+    index = torch.tensor(at, device=device)
+    cache.index, cache.span = index, max(at) + 1
+    mask = (torch.arange(cache.span, device=device)[None] <= index[:, None])[:, None, None]
+    ids = torch.tensor([tokens[s] if busy[s] is not None else 0 for s in range(hi)], device=device)
+    hidden = model.hidden_states(ids[:, None], index[:, None], mask, cache)
+    logits[:hi] = model.lm_head(hidden[:, -1]).float()
+    for s in fed:
+        busy[s].length += 1
 
 
 @torch.inference_mode()

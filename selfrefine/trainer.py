@@ -187,11 +187,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     amp, needs_scaler = autocast_context(device, cfg.precision)
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as across the rows of one batch
-    start = 0
-    if resume and (out_dir / CHECKPOINT).exists():
-        start = load_checkpoint(out_dir, model, optimizer, scaler)
-    if resume and distributed.is_main():
-        _trim_metrics(out_dir, start)
+    start = _resume(out_dir, model, optimizer, scaler) if resume else 0
     if on_start is not None:
         on_start()
     total = total_steps(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.epochs, cfg.max_steps)
@@ -210,15 +206,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
                 group["lr"] = lr
             # Collate the step's micro-batches first: every micro-batch's loss is weighted by the denominator of
             # the whole step (all micro-batches, all ranks), known only once they are all in hand.
-            micro = []
-            for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-                global_batch = order.micro_batch(k)
-                mine = global_batch[rank::world]
-                # A rank left without examples (a short last batch) runs one with weight 0: backward must still
-                # meet the other ranks in the gradient all-reduce.
-                batch = collate([examples[i] for i in mine or global_batch[:1]])
-                weight = 0.0 if not mine else len(mine) if loss_weight is None else float(loss_weight(batch))
-                micro.append((bool(mine), batch, weight))
+            ks = range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
+            micro = _collate_step([order.micro_batch(k) for k in ks], examples, collate, loss_weight, rank, world)
             (total_weight,) = distributed.all_reduce_sum([sum(w for _, _, w in micro)])
             sums: dict[str, float] = {}
             n_tokens, bad = 0, False
@@ -241,25 +230,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             if bad:  # some rank met a non-finite loss: its gradients are NaN, the optimizer has not run yet
                 raise TrainingDiverged(out_dir, step, "loss")
             sums, n_tokens = dict(zip(names, values)), int(n_tokens)
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
-            if not math.isfinite(grad_norm) and scaler is None:
-                raise TrainingDiverged(out_dir, step, "gradient")
-            before = _snapshot(params, optimizer)
-            try:
-                (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-                overflow = False
-            except RuntimeError as e:  # an lr past float32's range: "cannot be converted ... without overflow"
-                if "overflow" not in str(e):
-                    raise
-                overflow = True  # a rank meeting it skips the rest of its step; all ranks still meet below
-            optimizer.zero_grad(set_to_none=True)
-            (n_bad,) = distributed.all_reduce_sum([overflow or _count_non_finite(params)])
-            if n_bad:  # e.g. an overflowing lr: undo the step, so the weights in memory are the last good ones too
-                _restore(params, optimizer, before)
-                raise TrainingDiverged(out_dir, step, "update")
-            del before
+            grad_norm = _optimizer_step(params, optimizer, scaler, cfg.max_grad_norm, out_dir, step)
             dt = time.perf_counter() - t0
             last = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                     "tokens_per_s": n_tokens / dt, "elapsed_s": time.perf_counter() - t_start}
@@ -275,6 +246,56 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     if start >= total:
         print(f"{desc}: already at step {start} of {total}; nothing to train")
     return last
+
+
+def _resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None) -> int:
+    """The step to go on from (0 without a checkpoint yet), metric lines logged after it dropped."""
+    start = load_checkpoint(out_dir, model, optimizer, scaler) if (out_dir / CHECKPOINT).exists() else 0
+    if distributed.is_main():
+        _trim_metrics(out_dir, start)
+    return start
+
+
+def _collate_step(global_batches: list[list[int]], examples: list, collate: Callable[[list], Any],
+                  loss_weight: Callable[[Any], float] | None, rank: int, world: int) -> list[tuple[bool, Any, float]]:
+    """(has examples, batch, weight) of this rank's slice of each of the step's global micro-batches.
+
+    A rank left without examples (a short last batch) runs one with weight 0: backward must still meet the
+    other ranks in the gradient all-reduce.
+    """
+    micro = []
+    for global_batch in global_batches:
+        mine = global_batch[rank::world]
+        batch = collate([examples[i] for i in mine or global_batch[:1]])
+        weight = 0.0 if not mine else len(mine) if loss_weight is None else float(loss_weight(batch))
+        micro.append((bool(mine), batch, weight))
+    return micro
+
+
+def _optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, max_grad_norm: float, out_dir: Path, step: int) -> float:
+    """Clip and step; returns the gradient norm. Raises TrainingDiverged on a non-finite gradient (a scaler
+    skips those steps itself) or update, the update undone first: the weights in memory stay the last good ones."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)).item()
+    if not math.isfinite(grad_norm) and scaler is None:
+        raise TrainingDiverged(out_dir, step, "gradient")
+    before = _snapshot(params, optimizer)
+    try:
+        (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+        overflow = False
+    except RuntimeError as e:  # an lr past float32's range: "cannot be converted ... without overflow"
+        if "overflow" not in str(e):
+            raise
+        overflow = True  # a rank meeting it skips the rest of its step; all ranks still meet below
+    optimizer.zero_grad(set_to_none=True)
+    (n_bad,) = distributed.all_reduce_sum([overflow or _count_non_finite(params)])
+    if n_bad:  # e.g. an overflowing lr: undo the step
+        _restore(params, optimizer, before)
+        raise TrainingDiverged(out_dir, step, "update")
+    return grad_norm
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
