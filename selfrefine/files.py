@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +36,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# What `atomic_write` and `checkpoint.save_model` name their temporaries: ".NAME." + mkstemp's 8 characters + ".tmp".
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: list[str] | None = None) -> list[Path]:
+    """Remove the temporary files and model directories that a killed write of ours left in `folder` (of the
+    outputs `names` only, if given), and say so; called when a run starts, when no write of its own is under way.
+    Anything not named as our temporaries are is left alone."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        m = _TEMP.fullmatch(entry.name)
+        if m and (names is None or m["name"] in names) and not entry.is_symlink():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            removed.append(entry)
+    if removed:
+        print(f"{folder}: removed {len(removed)} temporary file(s) left by an interrupted write: "
+              + ", ".join(p.name for p in removed))
+    return removed
 
 
 def current_umask() -> int:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from . import distributed
 from .errors import fail
 from .fingerprint import path_digest
-from .files import read_json, write_json
+from .files import read_json, remove_stale_temps, write_json
 
 RUN_FILE = "run.json"
 # Flags that say how to run, not what to compute: changing them on resume is fine.
@@ -85,6 +85,8 @@ def start_run(out_dir: str | Path, config: dict[str, Any], resume: bool, allow_c
     elif out.exists() and any(out.iterdir()):
         fail("output folder is not empty and holds no run.json; choose a new --out", out)
     out.mkdir(parents=True, exist_ok=True)
+    for folder in [out, *(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())]:  # adapter/, merged/
+        remove_stale_temps(folder)
     record = {**describe(config, inputs=digests), "seed": config.get("seed")}
     if prior is None:
         write_json(run_file, record)

@@ -179,11 +179,12 @@ def test_sharded_sample_and_eval_equal_one_process(model_dir: Path, tmp_path: Pa
 def test_sample_resume_merges_every_ranks_partial_file(model_dir: Path, tmp_path: Path, monkeypatch):
     """Partial files left by an interrupted 2-rank run (OUT.partial, OUT.partial.1) finish in one process
     without sampling their rows again."""
+    from selfrefine.config import parse
     from selfrefine.recipes import sample
 
     argv = ["--model", str(model_dir), *SAMPLE, "--out", str(tmp_path / "s.jsonl")]
     full = sample.main(argv)
-    header = {"_header": sample.partial_header(sample.parser().parse_args(argv))}
+    header = {"_header": sample.partial_header(parse(sample.SampleConfig, argv, "sample.py"))}
     n_q = 5
     rows = [{**r, "_q": i // 2 if r["prompt_type"] == "cot" else i - 2 * n_q} for i, r in enumerate(full)]
     for name, part in (("s.jsonl.partial", rows[0::2]), ("s.jsonl.partial.1", rows[1::2][:-1])):

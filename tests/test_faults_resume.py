@@ -103,3 +103,29 @@ def test_sft_resume_drops_a_torn_metrics_line_and_never_logs_a_step_twice(model:
     r = run(*args, "--resume")
     assert r.returncode == 0, r.stderr
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_at_start(model: Path, tmp_path: Path):
+    """What a kill during an atomic write leaves (a temp checkpoint, a half-written merged model, a temp samples
+    file) is removed, and said, when the next run into the same place starts; anything else stays."""
+    data, out = demos(tmp_path / "d.jsonl", 8), tmp_path / "run"
+    args = ["train_sft.py", "--model", str(model), "--data", data, "--out", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--max-len", "64", "--lora-r", "2"]
+    assert run(*args).returncode == 0
+    stale = [out / ".checkpoint.pt.k1ll3d00.tmp", out / "adapter" / ".adapter_model.safetensors.k1ll3d00.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    (out / ".merged.k1ll3d00.tmp").mkdir()
+    mine = out / "notes.tmp"
+    mine.write_text("keep")
+    r = run(*args, "--max-steps", "3", "--resume", "--allow-config-change")
+    assert r.returncode == 0, r.stderr
+    assert not any(p.exists() for p in stale) and not (out / ".merged.k1ll3d00.tmp").exists()
+    assert mine.read_text() == "keep" and "left by an interrupted write" in r.stdout
+    samples = tmp_path / "s.jsonl"
+    (tmp_path / ".s.jsonl.k1ll3d00.tmp").write_text('{"task": "ra')
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "Say a."}])
+    r = run("sample.py", "--model", str(model), "--task", "raw", "--data", prompts, "--max-new-tokens", "2",
+            "--out", str(samples), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / ".s.jsonl.k1ll3d00.tmp").exists() and samples.exists()

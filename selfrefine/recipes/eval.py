@@ -18,7 +18,7 @@ from .. import distributed
 from ..answers import answer, encode_prompts, load_questions
 from ..config import UsageError, parse, setting
 from ..errors import fail
-from ..files import read_jsonl, write_json, write_jsonl
+from ..files import read_jsonl, remove_stale_temps, write_json, write_jsonl
 from ..flags import nonneg_int, positive_int
 from ..paths import check_outputs
 from ..sampling import SamplingParams
@@ -196,6 +196,8 @@ def run(cfg: EvalConfig) -> dict | list[tuple[str, PairedComparison]]:
     data = [load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit)  # all read before any output
             for name, path in specs]
     model, tok, _ = load(cfg)
+    if distributed.is_main():
+        remove_stale_temps(Path(cfg.out).parent, [Path(cfg.out).name] + [cfg.predictions_path(n).name for n, _ in specs])
     reports = [evaluate(model, tok, cfg, name, path, loaded) for (name, path), loaded in zip(specs, data)]
     report = reports[0] if len(reports) == 1 else {"results": reports}
     if distributed.is_main():

@@ -12,7 +12,7 @@ from .. import distributed
 from ..answers import answer, encode_prompts
 from ..config import parse, setting
 from ..errors import fail
-from ..files import append_jsonl, drop_torn_tail, read_jsonl, write_jsonl
+from ..files import append_jsonl, drop_torn_tail, read_jsonl, remove_stale_temps, write_jsonl
 from ..fingerprint import path_digest
 from ..flags import nonneg_float, nonneg_int, positive_int, unit_interval
 from ..paths import check_outputs
@@ -139,6 +139,8 @@ def run(cfg: SampleConfig) -> list[dict]:
     ctx = model.config.max_position_embeddings
     encoded = {t: encode_prompts(tok, questions, t, ctx, not cfg.no_chat, cfg.data) for t in ptypes}
     out = Path(cfg.out)  # every check is done before any file is touched
+    if distributed.is_main():
+        remove_stale_temps(out.parent, [out.name] + ([Path(cfg.demos_path()).name] if cfg.keep_correct else []))
     partial, done = open_partial(cfg, out)
     records = []
     for ptype in ptypes:
