@@ -94,6 +94,8 @@ def answer(model: torch.nn.Module, tok: Tokenizer, task: str, questions: list[Qu
 
     def save_batch(rows: list[Row], completions: list[Completion]) -> None:
         for (i, j), c in zip(rows, completions):
+            if (i, j) in done:  # a batch only partly done (another --batch-size before a resume) redoes the rest
+                continue
             new[(i, j)] = graded(task, questions[i], kind, ptype, j, c)
             if on_record is not None:
                 on_record((i, j), new[(i, j)])

@@ -146,7 +146,8 @@ def parser(cls: type[Settings], prog: str, description: str | None,
         m = f.metadata
         where = p if m["group"] is None else groups.setdefault(m["group"], p.add_argument_group(m["group"]))
         shown = f.default if not callable(f.default_factory) else None
-        text = m["help"] + (f" (default: {shown})" if shown not in (None, False, "") else "")
+        text = m["help"] + (" (required)" if m["required"] else
+                            f" (default: {shown})" if shown not in (None, False, "") else "")
         if isinstance(f.default, bool):
             where.add_argument(flag_name(f.name), action="store_true", help=text)
             continue

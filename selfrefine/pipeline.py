@@ -13,6 +13,7 @@ paired on the same questions (difference with its 95% interval, exact McNemar p)
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -144,7 +145,7 @@ class Pipeline:
         path = self.out / "eval" / f"{row}.{split}.json"
         cfg = replace(self.evals[split], model=str(model), adapter=str(adapter) if adapter else None, out=str(path))
         self.stages.run(f"eval_{row}_{split}", lambda: eval_recipe.run(cfg),
-                        outputs=[path, *path.parent.glob(f"{path.stem}.*.predictions.jsonl")],
+                        outputs=[path, *path.parent.glob(f"{glob.escape(path.stem)}.*.predictions.jsonl")],
                         options={"specs": specs, **self.cfg.get("eval_options", {})},
                         inputs={**inputs, "data": [path_digest(s.get("data")) for s in specs]})
         report = read_json(path)
@@ -176,7 +177,7 @@ def partial(path: Path) -> Path:
 
 def with_partials(path: Path) -> list[Path]:
     """A sampling output and the partial files it resumes from (one per torchrun rank)."""
-    return [path, *sorted(path.parent.glob(partial(path).name + "*"))]
+    return [path, *sorted(path.parent.glob(glob.escape(partial(path).name) + "*"))]
 
 
 def resumed(cfg: Any) -> Any:

@@ -3,6 +3,7 @@ reasoning paths for self-refine (stage 2). One JSON line per sample, graded agai
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -104,7 +105,8 @@ def partial_files(out: Path) -> tuple[Path, list[Path]]:
     (OUT.partial, OUT.partial.1, ...); a resume merges them all, whatever the number of ranks was."""
     first = out.with_name(out.name + ".partial")
     mine = first if distributed.rank() == 0 else first.with_name(f"{first.name}.{distributed.rank()}")
-    return mine, sorted(p for p in out.parent.glob(f"{first.name}*") if p == first or p.suffix[1:].isdigit())
+    return mine, sorted(p for p in out.parent.glob(glob.escape(first.name) + "*")
+                        if p == first or p.suffix[1:].isdigit())
 
 
 def open_partial(cfg: SampleConfig, out: Path) -> tuple[Path, dict[tuple[str, int, int], dict]]:

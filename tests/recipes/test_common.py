@@ -1,0 +1,92 @@
+"""recipes/common.py: device and dtype choice, the LoRA settings of TrainingOptions and its fsdp rule, what
+make_trainable leaves trainable, refuse_past_context, and load's tokenizer/vocabulary check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfrefine.errors import UserError
+from selfrefine.lora import LoRAConfig
+from selfrefine.model import Transformer
+from selfrefine.recipes.common import (WEIGHT_DTYPES, ModelOptions, TrainingOptions, load, make_trainable,
+                                       pick_device, pick_dtype, refuse_past_context)
+from tests.helpers import make_tiny_model_dir, tiny_config
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def training(**kw) -> TrainingOptions:
+    return TrainingOptions(model="m", out="run", **kw)
+
+
+def test_pick_dtype():
+    for training_run in (False, True):
+        assert pick_dtype("auto", CPU, training_run) == torch.float32
+        for name, dtype in WEIGHT_DTYPES.items():
+            assert pick_dtype(name, CPU, training_run) == pick_dtype(name, CUDA, training_run) == dtype
+    assert pick_dtype("auto", CUDA, training=False) == torch.bfloat16
+    assert pick_dtype("auto", CUDA, training=True) == torch.float32  # float32 master weights under autocast
+
+
+def test_pick_device_refuses_cuda_when_not_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == CPU and pick_device("cpu") == CPU
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(UserError, match=f"--device {name}: CUDA is not available"):
+            pick_device(name)
+
+
+def test_lora_config_from_training_options():
+    opts = training(lora_r=4, lora_alpha=8, lora_dropout=0.1, lora_targets=" q_proj, v_proj ,, down_proj,")
+    assert opts.lora_config() == LoRAConfig(r=4, alpha=8.0, dropout=0.1, targets=("q_proj", "v_proj", "down_proj"))
+    assert training().lora_config().targets == LoRAConfig().targets
+    assert training(full=True, lora_targets="q_proj").lora_config() is None
+
+
+def test_fsdp_only_with_full_fine_tuning():
+    with pytest.raises(UserError, match="drop --fsdp"):
+        training(fsdp=True)
+    assert training(fsdp=True, full=True).fsdp
+
+
+def test_make_trainable_lora_adapters_only_or_everything():
+    model = Transformer(tiny_config(num_layers=2))
+    targets = ("q_proj", "v_proj")
+    make_trainable(model, LoRAConfig(r=2, targets=targets), seed=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
+    assert len(trainable) == 2 * len(targets) * model.config.num_layers
+    assert any(not p.requires_grad for p in model.parameters())
+
+    full = Transformer(tiny_config(num_layers=2)).requires_grad_(False)
+    make_trainable(full, None, seed=0)
+    assert all(p.requires_grad for p in full.parameters())
+    with pytest.raises(UserError, match="'nothing_proj' matches no module"):
+        make_trainable(Transformer(tiny_config(num_layers=1)), LoRAConfig(targets=("nothing_proj",)), seed=0)
+
+
+def test_refuse_past_context_names_the_first_too_long_line():
+    ctx = 16
+    refuse_past_context([(1, ctx), (2, 1), (None, ctx)], ctx, "example", "data.jsonl")  # exactly ctx is fine
+    with pytest.raises(UserError, match=f"2 example\\(s\\) longer than the model's max_position_embeddings \\({ctx} "
+                                        f"tokens; the first here\\): set --max-len {ctx} or less") as e:
+        refuse_past_context([(1, ctx), (3, ctx + 1), (4, 1), (7, ctx + 5)], ctx, "example", "data.jsonl")
+    assert (e.value.file, e.value.line) == ("data.jsonl", 3)
+
+
+def test_load_gives_float32_model_and_tokenizer_on_cpu(tiny_dir: Path):
+    model, tok, device = load(ModelOptions(model=str(tiny_dir), device="cpu"))
+    assert device == CPU and tok.vocab_size <= model.config.vocab_size
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_load_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path):
+    vocab = tiny_config().vocab_size - 1
+    small = make_tiny_model_dir(tmp_path / "small", num_layers=1, vocab_size=vocab)
+    with pytest.raises(UserError, match=f"tokenizer.json has {vocab + 1} tokens but config.json's vocab_size is "
+                                        f"{vocab}: they belong to different models") as e:
+        load(ModelOptions(model=str(small), device="cpu"))
+    assert e.value.file == str(small / "tokenizer.json")
