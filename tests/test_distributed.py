@@ -179,6 +179,7 @@ def test_sharded_sample_and_eval_equal_one_process(model_dir: Path, tmp_path: Pa
 def test_sample_resume_merges_every_ranks_partial_file(model_dir: Path, tmp_path: Path, monkeypatch):
     """Partial files left by an interrupted 2-rank run (OUT.partial, OUT.partial.1) finish in one process
     without sampling their rows again."""
+    from selfrefine import answers
     from selfrefine.config import parse
     from selfrefine.recipes import sample
 
@@ -190,8 +191,8 @@ def test_sample_resume_merges_every_ranks_partial_file(model_dir: Path, tmp_path
     for name, part in (("s.jsonl.partial", rows[0::2]), ("s.jsonl.partial.1", rows[1::2][:-1])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in [header, *part]))
     sampled: list[int] = []
-    real_generate = sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, batches, **kw: (sampled.extend(batches),
+    real_generate = answers.generate
+    monkeypatch.setattr(answers, "generate", lambda *a, batches, **kw: (sampled.extend(batches),
                                                                        real_generate(*a, batches=batches, **kw))[1])
     (tmp_path / "s.jsonl").unlink()
     assert sample.main([*argv, "--resume"]) == full
