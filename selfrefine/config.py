@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import Field, dataclass, field, fields
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Collection, Sequence, TypeVar
 
 from .errors import UserError, fail
 from .files import read_json
@@ -103,10 +103,12 @@ class Settings:
         return {f.name: f for f in fields(cls)}
 
 
-def from_mapping(cls: type[S], mapping: Any, source: str, section: str, **given: Any) -> S:
-    """A config from a pipeline section plus the values the pipeline sets itself (`given`, which the section
-    may not set). A wrong key or value is one line naming file, section and key."""
-    return cls(**checked_values(cls, mapping, source, f"section {section}", set(given)), **given)
+def from_mapping(cls: type[S], mapping: Any, source: str, section: str, given: dict[str, Any] | None = None,
+                 reserved: Collection[str] = ()) -> S:
+    """A config from a pipeline section plus the values the pipeline sets itself (`given`; the section may set
+    neither those nor the other `reserved` keys). A wrong key or value is one line naming file, section and key."""
+    given = given or {}
+    return cls(**checked_values(cls, mapping, source, f"section {section}", {*reserved, *given}), **given)
 
 
 def checked_values(cls: type[Settings], mapping: Any, source: str, where: str,

@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 
 from . import seeds
-from .config import from_mapping
 from .data import record_messages
 from .errors import cli_main, fail
 from .files import read_json, read_jsonl, write_json
 from .fingerprint import model_digest, path_digest
 from .flags import Parser, seed_list
 from .paths import check_outputs
-from .pipeline_config import SPLITS, apply_overrides, check_config, eval_specs
+from .pipeline_config import SPLITS, apply_overrides, check_config, eval_specs, recipe_config
 from .provenance import Stages
 from .recipes import dpo, eval as eval_recipe, rationales, sample, sft
 from .recipes.eval import compare_predictions, format_p
@@ -67,42 +66,42 @@ class Pipeline:
         self.base = Path(cfg["model"]) if cfg.get("model") else out / "base"
         self.student, self.dpo_dir = out / "sft" / "merged", out / "dpo"
         demos, samples, train = out / "demos.jsonl", out / "samples.jsonl", cfg["train"]
-        self.rationales = from_mapping(rationales.RationalesConfig, train, source, "train", demos_out=str(demos))
+        # What each stage is run with (its config below; the provenance record of its options in `run`).
+        self.options = {"sft": {"seed": seed, **cfg["sft"]}, "sample": {"seed": seed, **train, **cfg["sample"]},
+                        "dpo": {"seed": seed, **cfg.get("pairs", {}), **cfg["dpo"]}}
+        self.rationales = recipe_config("train", train, source, demos_out=str(demos))
         teacher = cfg.get("teacher", {"type": "rationales"})
-        self.teacher = None if teacher["type"] == "rationales" else from_mapping(
-            sample.SampleConfig, {"seed": seed, **train, **teacher.get("sampling", {})}, source, "teacher.sampling",
+        self.teacher = None if teacher["type"] == "rationales" else recipe_config(
+            "teacher.sampling", {"seed": seed, **train, **teacher.get("sampling", {})}, source,
             model=teacher["model"], out=str(out / "teacher_samples.jsonl"), keep_correct=True, demos_out=str(demos))
-        self.sft = from_mapping(sft.SFTConfig, {"seed": seed, **cfg["sft"]}, source, "sft", model=str(self.base),
-                                data=str(demos), out=str(out / "sft"), merge=True)
-        self.sample = from_mapping(sample.SampleConfig, {"seed": seed, **train, **cfg["sample"]}, source, "sample",
-                                   model=str(self.student), prompt="both", out=str(samples))
-        self.dpo = from_mapping(dpo.DPOConfig, {"seed": seed, **cfg.get("pairs", {}), **cfg["dpo"]}, source, "dpo",
-                                model=str(self.student), samples=str(samples), demos=str(demos), task=train["task"],
-                                out=str(self.dpo_dir))
+        self.sft = recipe_config("sft", self.options["sft"], source, model=str(self.base), data=str(demos),
+                                 out=str(out / "sft"), merge=True)
+        self.sample = recipe_config("sample", self.options["sample"], source, model=str(self.student),
+                                    prompt="both", out=str(samples))
+        self.dpo = recipe_config("dpo", self.options["dpo"], source, model=str(self.student), samples=str(samples),
+                                 demos=str(demos), task=train["task"], out=str(self.dpo_dir))
         self.evals = {split: self.eval_config(split, source) for split in SPLITS}
 
     def eval_config(self, split: str, source: str) -> eval_recipe.EvalConfig:
         """A split's evaluation (the model and report path are set per row): each task with its data file."""
         specs = eval_specs(self.cfg, split)
         extra = {k: v for k, v in specs[0].items() if k not in ("task", "data")}
-        return from_mapping(eval_recipe.EvalConfig, {**self.cfg.get("eval_options", {}), **extra}, source,
-                            f"eval.{split}", model=str(self.base), task=[s["task"] for s in specs],
-                            data=[s["data"] for s in specs if s.get("data")], out=str(self.out / "eval" / "x.json"))
+        return recipe_config(f"eval.{split}", {**self.cfg.get("eval_options", {}), **extra}, source,
+                             model=str(self.base), task=[s["task"] for s in specs],
+                             data=[s["data"] for s in specs if s.get("data")], out=str(self.out / "eval" / "x.json"))
 
     def run(self) -> dict[str, Any]:
         base_fp = self.convert()
         demos_fp = self.demonstrations()
         check_budgets(Tokenizer.from_dir(self.base), Path(self.sft.data), self.sft_budgets())
-        c, seed = self.cfg, self.seed
         sft_fp = self.stages.run("sft", lambda: sft.run(resumed(self.sft)), outputs=[Path(self.sft.out)],
-                                 options={"seed": seed, **c["sft"]}, inputs={"base": base_fp, "demos": demos_fp})
-        sample_options = {**c["train"], "seed": seed, **c["sample"]}
+                                 options=self.options["sft"], inputs={"base": base_fp, "demos": demos_fp})
         samples_fp = self.stages.run("self_refine_samples", lambda: sample.run(resumed_sampling(self.sample)),
-                                     outputs=with_partials(Path(self.sample.out)), options=sample_options,
+                                     outputs=with_partials(Path(self.sample.out)), options=self.options["sample"],
                                      inputs={"sft": sft_fp})
-        dpo_options = {"seed": seed, **c.get("pairs", {}), **c["dpo"], "task": c["train"]["task"]}
         dpo_fp = self.stages.run("dpo", lambda: dpo.run(resumed(self.dpo)), outputs=[self.dpo_dir],
-                                 options=dpo_options, inputs={"sft": sft_fp, "samples": samples_fp, "demos": demos_fp})
+                                 options={**self.options["dpo"], "task": self.dpo.task},
+                                 inputs={"sft": sft_fp, "samples": samples_fp, "demos": demos_fp})
         models = {"base": (self.base, None, {"model": base_fp}),
                   "sft": (self.student, None, {"model": sft_fp}),
                   "self_refine": (self.student, self.dpo_dir / "adapter", {"model": sft_fp, "adapter": dpo_fp})}

@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from .config import Settings, checked_values, parse_override
+from .config import Settings, checked_values, from_mapping, parse_override
 from .errors import fail
 from .flags import nonneg_int
 from .recipes.dpo import DPOConfig
@@ -21,21 +21,27 @@ from .recipes.sft import SFTConfig
 
 SPLITS = ("in_domain", "out_of_domain")
 REQUIRED = ("train", "sft", "sample", "dpo", "eval")
+_SAMPLING = frozenset({"model", "adapter", "out", "resume", "keep_correct", "demos_out", "from_rationales"})
+_DPO = frozenset({"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume"})
 # section -> (the recipe config it becomes, the keys the pipeline sets itself)
 SECTIONS: dict[str, tuple[type[Settings], frozenset[str]]] = {
     "train": (RationalesConfig, frozenset({"demos_out"})),
-    "teacher.sampling": (SampleConfig, frozenset({"model", "adapter", "out", "resume", "keep_correct", "demos_out",
-                                                  "from_rationales"})),
+    "teacher.sampling": (SampleConfig, _SAMPLING),
     "sft": (SFTConfig, frozenset({"model", "adapter", "data", "out", "resume", "merge"})),
-    "sample": (SampleConfig, frozenset({"model", "adapter", "prompt", "out", "resume", "keep_correct", "demos_out",
-                                        "from_rationales"})),
-    "pairs": (DPOConfig, frozenset({"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume"})),
-    "dpo": (DPOConfig, frozenset({"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume"})),
+    "sample": (SampleConfig, _SAMPLING | {"prompt"}),
+    "pairs": (DPOConfig, _DPO),
+    "dpo": (DPOConfig, _DPO),
     "eval_options": (EvalConfig, frozenset({"model", "adapter", "task", "data", "out", "compare"})),
     **{f"eval.{split}": (EvalConfig, frozenset({"model", "adapter", "out", "compare"})) for split in SPLITS},
 }
 TOP_KEYS = {"description": str, "seed": nonneg_int, "model": str, "gguf": str}
 SUB_SECTIONS = ("train", "teacher", "sft", "sample", "pairs", "dpo", "eval", "eval_options")
+
+
+def recipe_config(section: str, mapping: dict[str, Any], source: str, **given: Any) -> Settings:
+    """Section `section` as the config of its recipe (`SECTIONS`), with the values the pipeline sets (`given`)."""
+    cls, reserved = SECTIONS[section]
+    return from_mapping(cls, mapping, source, section, given, reserved)
 
 
 def eval_specs(cfg: dict[str, Any], split: str) -> list[Any]:

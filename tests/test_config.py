@@ -94,12 +94,12 @@ def test_config_file_keys_and_values_are_checked_naming_the_file(tmp_path: Path)
 ])
 def test_sections_are_checked_like_flags(section, message):
     with pytest.raises(UserError) as e:
-        from_mapping(Toy, section, "c.json", "s", name="x")
+        from_mapping(Toy, section, "c.json", "s", {"name": "x"})
     assert message in str(e.value)
 
 
 def test_json_values_are_normalised_and_library_callers_are_checked():
-    cfg = from_mapping(Toy, {"lr": 1, "steps": 3, "tag": "one"}, "c.json", "s", name=Path("p"))
+    cfg = from_mapping(Toy, {"lr": 1, "steps": 3, "tag": "one"}, "c.json", "s", {"name": Path("p")})
     assert (cfg.name, cfg.lr, type(cfg.lr), cfg.tag) == ("p", 1.0, float, ["one"])
     json.dumps(asdict(cfg))  # what run.json records
     assert checked_values(Toy, {"steps": "4"}, "f", "w") == {"steps": 4}

@@ -193,6 +193,11 @@ DPO = ["train_dpo.py", "--max-steps", "1", "--batch-size", "2", "--lora-r", "2",
 SAMPLE = ["sample.py", "--max-new-tokens", "2", "--no-progress", "--device", "cpu"]
 EVAL = ["eval.py", "--max-new-tokens", "2", "--no-progress", "--device", "cpu"]
 PIPELINE = ["-m", "selfrefine.pipeline"]
+
+
+def pipeline_config_case(w: SimpleNamespace, config: str, says: str, line: int | None = None) -> Case:
+    """The pipeline run on a bad config file: the error names that file (and line)."""
+    return Case(PIPELINE + ["--config", config, "--model", w.model, "--out", f"{w.out}/pipe"], config, line, says)
 CONVERT = ["-m", "selfrefine.convert_gguf"]
 
 CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
@@ -304,27 +309,15 @@ CASES: dict[str, Callable[[SimpleNamespace], Case]] = {
         SFT + ["--model", w.model, "--data", w.surrogate, "--out", f"{w.out}/sft_surrogate"], w.surrogate, 2,
         "lone surrogate"),
     # python -m selfrefine.pipeline
-    "pipeline_config_missing_sections": lambda w: Case(
-        PIPELINE + ["--config", w.cfg_sections, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_sections, None,
-        "needs the sections"),
-    "pipeline_data_dir_placeholder_without_flag": lambda w: Case(
-        PIPELINE + ["--config", w.cfg_data_dir, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_data_dir, None,
-        "--data-dir"),
-    "pipeline_config_bad_json": lambda w: Case(
-        PIPELINE + ["--config", w.cfg_bad_json, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_bad_json, 3,
-        "invalid JSON"),
-    "pipeline_eval_without_out_of_domain": lambda w: Case(
-        PIPELINE + ["--config", w.cfg_no_ood, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_no_ood, None,
-        "out_of_domain"),
-    "pipeline_train_without_task": lambda w: Case(
-        PIPELINE + ["--config", w.cfg_no_task, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_no_task, None,
-        "'task'"),
-    "pipeline_config_key_typo": lambda w: Case(
-        PIPELINE + ["--config", w.cfg_typo, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_typo, None,
-        "section dpo: unknown key 'max_step' (known: "),
-    "pipeline_config_section_typo": lambda w: Case(
-        PIPELINE + ["--config", w.cfg_top_typo, "--model", w.model, "--out", f"{w.out}/pipe"], w.cfg_top_typo, None,
-        "the config: unknown key 'eval_option'"),
+    "pipeline_config_missing_sections": lambda w: pipeline_config_case(w, w.cfg_sections, "needs the sections"),
+    "pipeline_data_dir_placeholder_without_flag": lambda w: pipeline_config_case(w, w.cfg_data_dir, "--data-dir"),
+    "pipeline_config_bad_json": lambda w: pipeline_config_case(w, w.cfg_bad_json, "invalid JSON", line=3),
+    "pipeline_eval_without_out_of_domain": lambda w: pipeline_config_case(w, w.cfg_no_ood, "out_of_domain"),
+    "pipeline_train_without_task": lambda w: pipeline_config_case(w, w.cfg_no_task, "'task'"),
+    "pipeline_config_key_typo": lambda w: pipeline_config_case(
+        w, w.cfg_typo, "section dpo: unknown key 'max_step' (known: "),
+    "pipeline_config_section_typo": lambda w: pipeline_config_case(
+        w, w.cfg_top_typo, "the config: unknown key 'eval_option'"),
     # python -m selfrefine.convert_gguf
     "convert_non_gguf_file": lambda w: Case(
         CONVERT + ["--gguf", w.not_gguf, "--out", f"{w.out}/converted"], w.not_gguf, None, "not a GGUF file"),
