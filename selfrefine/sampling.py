@@ -3,7 +3,8 @@
 A fixed number of decoding slots (`batch_size`), each row at its own length, RoPE position and key mask:
 one token per busy slot per step, in one forward. When a row finishes, its slot takes the next waiting
 (prompt, sample) at once; the waiting prompts are prefilled together, each prompt once for all its n
-samples (its keys/values copied into their slots). Nothing is padded or recomputed, no cache row moves.
+samples (its keys/values copied into their slots), and the token prefix all prompts share (the chat
+template's system turn) once for the whole run. Nothing is padded or recomputed, no cache row moves.
 
 Determinism: each (prompt, sample) row draws from its own generator seeded by (seed, prompt, sample), so
 the same seed gives the same samples at any slot count, and running any subset of rows (sharding over
@@ -14,6 +15,7 @@ text only (`StopScanner`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .attention import SlotCache
+from .attention import KVCache, SlotCache
 from .errors import fail
 from .model import Transformer
 
@@ -225,19 +227,39 @@ def _slot_cache(model: Transformer, slots: int, positions: int, log: Callable[[s
                            weight.device)
 
 
-def _prefill(model: Transformer, prompts: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _prefill(model: Transformer, prompts: list[list[int]], prefix: KVCache | None = None,
+             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(keys, values, next-token logits) of each prompt, from one forward over them all (right-padded:
-    causal attention alone hides the padding)."""
+    causal attention alone hides the padding). With `prefix` (the keys/values of the first `prefix.length`
+    tokens that every prompt starts with), only the rest of each prompt is computed."""
     device = model.model.embed_tokens.weight.device
-    lens = [len(p) for p in prompts]
+    start = prefix.length if prefix is not None else 0
+    rest = [p[start:] for p in prompts]
+    lens = [len(p) for p in rest]
     L = max(lens)
-    ids = torch.tensor([p + [0] * (L - len(p)) for p in prompts], device=device)
-    tmp = model.new_cache(len(prompts), L)
-    positions = torch.arange(L, device=device).expand(len(prompts), L)
+    ids = torch.tensor([p + [0] * (L - len(p)) for p in rest], device=device)
+    tmp = model.new_cache(len(prompts), start + L)
+    if prefix is not None:
+        tmp.k[:, :, :, :start], tmp.v[:, :, :, :start] = prefix.k, prefix.v  # broadcast over the prompts
+        tmp.length = start
+    positions = torch.arange(start, start + L, device=device).expand(len(prompts), L)
     hidden = model.hidden_states(ids, positions, None, tmp)
     last = model.lm_head(hidden[torch.arange(len(prompts), device=device),
                                 torch.tensor(lens, device=device) - 1]).float()
-    return [(tmp.k[:, r:r + 1, :, :n], tmp.v[:, r:r + 1, :, :n], last[r]) for r, n in enumerate(lens)]
+    return [(tmp.k[:, r:r + 1, :, :start + n], tmp.v[:, r:r + 1, :, :start + n], last[r]) for r, n in enumerate(lens)]
+
+
+def _shared_prefix(model: Transformer, prompts: list[list[int]]) -> KVCache | None:
+    """The keys/values of the longest token prefix all `prompts` share (the chat template's system turn, say),
+    computed once; at least one token of each prompt is left to prefill. None for fewer than two prompts."""
+    if len(prompts) < 2:
+        return None
+    n = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+    if n < 1:
+        return None
+    cache = model.new_cache(1, n)
+    model.hidden_states(torch.tensor([prompts[0][:n]], device=cache.k.device), cache=cache)
+    return cache
 
 
 class _Waiting:
@@ -248,6 +270,7 @@ class _Waiting:
         self.model, self.prompts, self.rows = model, prompts, list(rows)
         self.left = Counter(i for i, _ in rows)  # prompt -> its samples still waiting
         self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # prompt -> (k, v, logits)
+        self.prefix = _shared_prefix(model, prompts)  # of every prompt, not just these rows: the same in each shard
 
     def admit(self, free: list[int], cache: SlotCache, logits: torch.Tensor) -> list[tuple[int, tuple[int, int]]]:
         """Moves the next rows into the `free` slots (their prompt's keys/values into `cache`, its next-token
@@ -256,7 +279,7 @@ class _Waiting:
         del self.rows[:len(placed)]
         new = list(dict.fromkeys(i for _, (i, _) in placed if i not in self.stash))  # in the order they wait
         if new:
-            self.stash.update(zip(new, _prefill(self.model, [self.prompts[i] for i in new])))
+            self.stash.update(zip(new, _prefill(self.model, [self.prompts[i] for i in new], self.prefix)))
         by_prompt: dict[int, list[int]] = {}
         for s, (i, _) in placed:
             by_prompt.setdefault(i, []).append(s)

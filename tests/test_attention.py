@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from selfrefine.attention import Attention, KVCache, attention_mask
+from selfrefine.attention import Attention, KVCache, attention_mask, decode_attention
 from selfrefine.rope import apply_rope, inverse_frequencies, rope_cos_sin
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 32, 4, 2, 8
@@ -79,3 +79,17 @@ def test_kv_cache_decoding_equals_the_full_forward(attn: Attention) -> None:
         torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-12, rtol=1e-10)
         with pytest.raises(ValueError, match="KV cache full"):
             attn(x[:, :1], *cos_sin(positions[:, :1]), cache=cache)
+
+
+def test_decode_attention_matches_naive_grouped_attention() -> None:
+    """The sampler's one-token step: each query head against its KV group's keys, hidden keys masked out."""
+    g = torch.Generator().manual_seed(3)
+    B, S = 5, 11
+    q = torch.randn(B, HEADS, 1, HEAD_DIM, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, KV_HEADS, S, HEAD_DIM, generator=g, dtype=torch.float64) for _ in range(2))
+    lengths = torch.tensor([1, 4, 11, 7, 2])
+    mask = (torch.arange(S)[None] < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
+    group = HEADS // KV_HEADS
+    kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ kr.transpose(-1, -2) / math.sqrt(HEAD_DIM)).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(decode_attention(q, k, v, mask), torch.softmax(scores, -1) @ vr, rtol=0, atol=1e-12)

@@ -63,7 +63,6 @@ def test_gpu_report_says_one_line_without_cuda_and_builds_its_table(tmp_path, ca
     """Without CUDA: one line, exit 0. The table comes from the benchmarks' own JSON (tiny CPU runs here), and a
     benchmark that failed is a row saying so."""
     import subprocess
-    import sys
     from pathlib import Path
 
     from bench import gpu_report
@@ -110,3 +109,11 @@ def test_real_eval_workload_does_the_same_greedy_work_as_transformers(smollm2_gg
     assert [r["same greedy lengths %"] for r in rows] == [100.0] * 4
     assert len({r["new tokens"] for r in rows}) == 1 and rows[0]["new tokens"] > 0
     assert ratios == {"eval": pytest.approx(min(r["s"] for r in rows[1:]) / rows[0]["s"])} and ceiling > 0
+
+
+def test_ratio_bound_by_hand():
+    """Ours did 40 GFLOP in 2 s; at a 100 GFLOP/s ceiling that work takes 0.4 s; the best peer took 3 s."""
+    from bench.workloads import ratio_bound
+
+    rows = [{"s": 2.0, "GFLOP/s": 20.0}, {"s": 5.0, "GFLOP/s": 8.0}, {"s": 3.0, "GFLOP/s": 13.0}]
+    assert ratio_bound(rows, 100.0) == pytest.approx(3.0 / 0.4)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tests.helpers import make_tiny_model_dir
 from tests.test_faults import DPO, ENV, EVAL, PIPELINE, REPO, SAMPLE, SFT, Case, sample_record, write_jsonl, write_text

@@ -296,6 +296,36 @@ def test_shared_prefill_equals_separate_prefills(model, monkeypatch):
     assert len({tuple(c.token_ids) for c in shared[0]}) > 1
 
 
+def test_common_prompt_prefix_prefilled_once(model, monkeypatch):
+    """Prompts that share a token prefix (a chat template's system turn): the prefix runs once, each prompt's
+    prefill starts after it, and the greedy rows equal full recomputation, at any slot count and when a single
+    row runs alone (the prefix is taken over all the prompts, so a shard computes the same one)."""
+    head = prompts_of([6], seed=7)[0]
+    prompts = [head + tail for tail in prompts_of([1, 5, 9, 2, 14, 3], seed=8)]
+    widths = []
+    inner = model.hidden_states
+
+    def spy(ids, positions=None, key_mask=None, cache=None):
+        if key_mask is None:
+            widths.append((ids.shape[0], ids.shape[1], int(positions[0, 0]) if positions is not None else 0))
+        return inner(ids, positions, key_mask, cache)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    refs = [reference(model, p, 10, [3]) for p in prompts]
+    for slots in (2, 64):
+        widths.clear()
+        res = generate(model, prompts, SamplingParams(max_new_tokens=10), stop_ids=[3], batch_size=slots,
+                       progress=False)
+        assert [c for (c,) in res] == refs
+        assert widths[0] == (1, len(head), 0)  # the prefix, once
+        assert all(start == len(head) for _, _, start in widths[1:]) and sum(b for b, _, _ in widths[1:]) == 6
+    alone = {}
+    with torch.inference_mode():
+        generate_rows(model, prompts, [(4, 0)], SamplingParams(max_new_tokens=10), {3}, None, 1, 0,
+                      alone.__setitem__)
+    assert alone == {(4, 0): refs[4]}
+
+
 def test_stop_scanner_matches_full_decoding():
     """Byte-level BPE with random ids (partial UTF-8 bytes included): the scanner fires at the same token as
     searching the whole re-decoded completion, for stop strings taken from the decoded text."""
