@@ -8,8 +8,8 @@ import torch
 
 from selfrefine.errors import UserError
 from selfrefine.model import ModelConfig, Transformer
-from selfrefine.sampling import (Completion, SamplingParams, StopScanner, filter_logits, generate, generate_rows,
-                                 plan_batches)
+from selfrefine.sampling import (TOP_P_CANDIDATES, Completion, SamplingParams, StopScanner, filter_logits, generate,
+                                 generate_rows, plan_batches)
 
 VOCAB = 32
 
@@ -153,17 +153,32 @@ def test_filter_logits_by_hand():
         assert kept.nonzero().flatten().tolist() == expect, p
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 10, 0.9), (1.3, 0, 0.5), (1.0, 3, 1.0), (0.5, 40, 0.3)])
-def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
+@pytest.mark.parametrize("vocab,scale,peak", [(100, 3.0, 0.0), (2000, 0.5, 0.0), (2000, 3.0, 12.0)])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 10, 0.9), (1.3, 0, 0.5), (1.0, 3, 1.0), (0.5, 40, 0.3),
+                                                     (0.8, 0, 0.95), (1.0, 600, 0.99)])
+def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p, vocab, scale, peak, monkeypatch):
+    """Flat logits over a large vocabulary need the full sort; peaked ones (a few dozen likely tokens, as a trained
+    model's) are decided among the top-p candidates alone, without sorting: the same kept tokens either way."""
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
 
-    logits = 3 * torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
+    logits = scale * torch.randn(8, vocab, generator=torch.Generator().manual_seed(1))
+    logits[:, :40] += peak
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
                                   + ([TopKLogitsWarper(top_k)] if top_k else [])
                                   + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
     expected = warpers(torch.zeros(8, 1, dtype=torch.long), logits.clone())
+    sorts = []
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or SORT(*a, **k))
     torch.testing.assert_close(filter_logits(logits, temperature, top_k, top_p), expected, rtol=0, atol=0)
+    if top_p < 1 and vocab > TOP_P_CANDIDATES:  # sorted only when the candidates hold less than p in some row
+        warped = LogitsProcessorList(warpers[:-1])(torch.zeros(8, 1, dtype=torch.long), logits.clone())
+        held = warped.softmax(-1).topk(TOP_P_CANDIDATES).values.sum(-1)
+        assert len(sorts) == int(bool((held < top_p).any()))
+        assert len(sorts) == int(not peak and not 0 < top_k <= TOP_P_CANDIDATES)  # both cases occur here
+
+
+SORT = torch.sort
 
 
 def test_stop_strings_stop_ids_and_max_new_tokens(model):
