@@ -4,13 +4,14 @@ The teacher stands in for the paper's LLM teacher: for each problem it writes a 
 rationale (one operation per line) ending in "The answer is N.", stored in `Example.rationale`.
 `arith` (in-domain): one person's collection of objects -- buy, give away, share equally -- in 2-3 operations.
 `arith_ood` (out-of-domain): the same story (`_story`: a count changed 2-3 times, small numbers) in another
-`Wording`: other objects, verbs and question forms -- packs, finding, losing, using, being given (an addition
-worded like the in-domain subtraction "gives"), equal piles, "end up with". What transfers is the skill, not
-the surface: that is what makes it out of domain. Its "dev" split (disjoint from "test") is for calibration,
-"test" only for reporting. Calibration, on dev with the seed-0 SFT student of the demo: other settings and
-question forms (a bus's passengers, "N more than", money spent) scored about 5% with 2-3 and with 1-2
-operations, and openings other than "X has N ..." 2-6%: out of a 135M student's reach, they would tell nothing
-about transfer; this wording scored 12-14%.
+`Wording`: other objects, verbs and question forms -- packs, finding, losing, equal piles, "end up with", "in the
+end". What transfers is the skill, not the surface: that is what makes it out of domain. Its "dev" split
+(disjoint from "test") is for calibration, "test" only for reporting. Calibration, on dev (200 questions) with
+the seed-0 SFT student of the demo: other settings and question forms (a bus's passengers, "N more than", money
+spent) scored about 5% with 2-3 and with 1-2 operations, and openings other than "X has N ..." 2-6%; two
+phrasings scored 4% ("Sam gives him 5 coins", an addition worded like the in-domain subtraction "gives") and
+2% ("she uses 3 of them"), so the whole wording 12%. Out of a 135M student's reach, they would tell nothing
+about transfer; without them this wording scores 18% (seed 0) and 23% (seed 1) on dev.
 
 Determinism: `random.Random` seeded with a string (hashed with SHA-512, independent of PYTHONHASHSEED).
 Disjoint splits for every size and seed: a question belongs to "test" iff CRC32(question) % 5 == 0, so the
@@ -42,7 +43,7 @@ Problem = tuple[str, list[str], int]  # question, rationale lines, answer
 
 @dataclass(frozen=True)
 class Wording:
-    """How a story is told: `str.format` templates over name, subj, friend, them, obj, k, b, x and y (the result).
+    """How a story is told: `str.format` templates over name, subj, friend, obj, k, b, x and y (the result).
     Where a tuple offers several phrasings one is drawn at random."""
 
     objects: tuple[str, ...]
@@ -65,11 +66,11 @@ IN_DOMAIN = Wording(
     "{subj} shares them equally among {k} friends. How many {obj} does each friend get?",
     "Each friend gets {x} / {k} = {y}.", ("How many {obj} does {name} have now?",))
 # Out of domain: the same reasoning with other objects, verbs and question forms -- packs, finding, losing,
-# using, being given (an addition worded like the in-domain subtraction "gives"), equal piles, "end up with".
+# equal piles, "end up with" (see the module docstring for the phrasings tried and dropped on dev).
 OUT_OF_DOMAIN = Wording(
     _OOD_OBJECTS, "{name} gets {k} packs with {b} {obj} in each pack.", "{k} packs of {b}: {k} * {b} = {x} {obj}.",
-    "{name} has {x} {obj}.", ("{subj} finds {b} more.", "{friend} gives {them} {b} {obj}."),
-    "With {b} more: {x} + {b} = {y}.", ("{subj} loses {b} of them.", "{subj} uses {b} of them."),
+    "{name} has {x} {obj}.", ("{subj} finds {b} more.",),
+    "With {b} more: {x} + {b} = {y}.", ("{subj} loses {b} of them.",),
     "With {b} fewer: {x} - {b} = {y}.",
     "{subj} puts them into {k} equal piles. How many {obj} are in each pile?", "Each pile has {x} / {k} = {y}.",
     ("How many {obj} does {name} have in the end?", "How many {obj} does {name} end up with?"))
@@ -86,8 +87,7 @@ def _story(rng: random.Random, n_ops: int, w: Wording) -> Problem | None:
     shared out equally at the end; `n_ops` operations in all."""
     (name, pron), (friend, _) = rng.sample(_PEOPLE, 2)
     obj = rng.choice(w.objects)
-    v = {"name": name, "subj": pron.capitalize(), "friend": friend, "them": "her" if pron == "she" else "him",
-         "obj": obj}
+    v = {"name": name, "subj": pron.capitalize(), "friend": friend, "obj": obj}
     batch, share = rng.random() < 0.5, rng.random() < 0.5
     q: list[str] = []
     steps: list[str] = []

@@ -66,9 +66,9 @@ def test_out_of_domain_answers_and_rationales() -> None:
     for e in ood:
         check_example(e, (2, 3))
     text = " ".join(e.question for e in ood)
-    for phrase in ("packs with", "finds", "gives him", "gives her", "loses", "uses", "equal piles", "end up with",
-                   "in the end"):
+    for phrase in ("packs with", "finds", "loses", "equal piles", "end up with", "in the end"):
         assert phrase in text, phrase
+    assert " gives " not in text and " uses " not in text  # the phrasings dropped on dev (the module docstring)
     in_domain = ARITH.load(split="train")
     for phrase in (" buys ", " bags of ", " shares them ", " friends"):
         assert phrase not in text and any(phrase in e.question for e in in_domain), phrase
@@ -102,7 +102,7 @@ def test_deterministic_across_machines() -> None:
     """Pinned values: a change here changes every arith number ever reported, so it must be deliberate."""
     assert digest(ARITH.load(split="train", size=50)) == "732c0c3f30730565"
     assert digest(ARITH.load(split="test", size=50)) == "8460b698fa448207"
-    assert digest(OOD.load(size=50)) == "e3a63cac15a5c0d5"
+    assert digest(OOD.load(size=50)) == "eb0432d38476f03f"
     first = ARITH.load(size=1)[0]
     assert first.question == ("Jack has 24 shells. He buys 1 more. He gives 3 to Mia. "
                               "He shares them equally among 2 friends. How many shells does each friend get?")
