@@ -108,7 +108,8 @@ def test_bad_config_is_one_line_error(tmp_path: Path):
         pipeline.main(["--config", str(config), "--out", str(tmp_path / "o")])
 
 
-@pytest.mark.parametrize("name", ["demo.json", "gsm8k.json", "commonsense.json", "gsm8k_cpu.json"])
+@pytest.mark.parametrize("name", ["demo.json", "gsm8k.json", "commonsense.json", "gsm8k_cpu.json",
+                                  "commonsense_cpu.json"])
 def test_shipped_configs_give_valid_flags(name: str, tmp_path: Path):
     """Every option in a shipped config is a setting its recipe accepts (a typo would only show hours in): the
     pipeline builds every stage's typed config up front."""
@@ -136,18 +137,24 @@ def test_section_key_overrides_reach_the_stages_and_are_recorded(tmp_path: Path)
     assert json.loads((out / "dpo" / "run.json").read_text())["config"]["beta"] == 0.2
 
 
-def test_gsm8k_cpu_recipe_runs_end_to_end_on_fixture_data(tmp_path: Path, capsys):
-    """configs/gsm8k_cpu.json as shipped, on the fixture GSM8K/MultiArith files and the tiny model, shrunk only by
-    command-line overrides: every stage runs and the report has both tasks."""
+@pytest.mark.parametrize("name,tasks", [("gsm8k_cpu.json", {"in_domain": ["gsm8k"], "out_of_domain": ["multiarith"]}),
+                                        ("commonsense_cpu.json", {"in_domain": ["commonsenseqa"], "out_of_domain": [
+                                            "openbookqa", "piqa", "socialiqa"]})])
+def test_cpu_recipe_runs_end_to_end_on_fixture_data(name: str, tasks: dict[str, list[str]], tmp_path: Path, capsys):
+    """A CPU recipe as shipped, on the fixture data files and the tiny model, shrunk only by command-line
+    overrides: every stage runs and the report has every task of both splits."""
     model = make_tiny_model_dir(tmp_path / "model")
-    config = Path(__file__).parent.parent / "configs" / "gsm8k_cpu.json"
-    small = ["sft.max_steps=2", "sft.warmup=0", "sample.limit=1", "sample.max_new_tokens=8", "sample.batch_size=4",
-             "pairs.keep_truncated=true", "dpo.max_steps=1", "dpo.warmup=0", "eval.in_domain.limit=2",
+    config = Path(__file__).parent.parent / "configs" / name
+    small = ["sft.max_steps=2", "sft.warmup=0", "sample.limit=2", "sample.max_new_tokens=8", "sample.batch_size=4",
+             "pairs.keep_truncated=true", "dpo.max_steps=1", "dpo.warmup=0", "eval_options.limit=2",
              "eval_options.max_new_tokens=6", "eval_options.batch_size=4"]
+    if name == "gsm8k_cpu.json":
+        small.append("eval.in_domain.limit=2")
     pipeline.main(["--config", str(config), "--data-dir", str(Path(__file__).parent / "fixtures"),
                    "--model", str(model), "--out", str(tmp_path / "run"), *small])
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     for row in pipeline.ROWS:
-        assert saved["rows"][row]["in_domain"]["gsm8k"]["n"] == 2
-        assert saved["rows"][row]["out_of_domain"]["multiarith"]["n"] > 0
+        assert {split: sorted(saved["rows"][row][split]) for split in pipeline.SPLITS} == \
+            {split: sorted(names) for split, names in tasks.items()}
+        assert saved["rows"][row]["in_domain"][tasks["in_domain"][0]]["n"] == 2
     assert "| SFT+self-refine - SFT |" in capsys.readouterr().out

@@ -62,6 +62,7 @@ _TASKS = (
                                                    {"test": "MultiArith.json"})),
     Task("commonsenseqa", "choice", loaders.file_source("commonsenseqa", loaders.read_qa_choices, {
         "train": "train_rand_split.jsonl", "dev": "dev_rand_split.jsonl", "test": "dev_rand_split.jsonl"})),
+    Task("cose", "choice", loaders.cose_source),
     Task("openbookqa", "choice", loaders.file_source("openbookqa", loaders.read_qa_choices, {
         "train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl"})),
     Task("piqa", "choice", loaders.file_source("piqa", loaders.read_piqa, {

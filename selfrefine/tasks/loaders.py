@@ -91,6 +91,46 @@ def read_qa_choices(path: Path) -> list[Example]:
     return out
 
 
+COSE_MIN_WORDS = 5  # shorter CoS-E explanations ("This word is Most relavant") explain nothing
+
+
+def cose_source(path: Path | None, split: str, size: int | None, seed: int) -> list[Example]:
+    """CommonsenseQA questions with the CoS-E human explanations (Rajani et al., 2019) as their rationales.
+
+    `path` is the folder holding `commonsenseqa/` and `cose/` with their official file names (the layout of
+    `../shared/data`); `split` train or dev ("test" = dev). Only explanations that say something about the gold
+    option are kept: at least `COSE_MIN_WORDS` words, more than the option itself, and one of the option's words
+    (of 3+ letters) among them, which drops the many generic ones ("This option is better to this task."). A
+    question without one has no rationale and gives no demonstration.
+    """
+    if size is not None:
+        fail("cose is read from files; use limit to take fewer examples, not size")
+    split = "dev" if split == "test" else split
+    if split not in ("train", "dev"):
+        fail(f"cose has splits train, dev; got {split!r}")
+    if path is None or not path.is_dir():
+        fail("cose needs the data folder holding commonsenseqa/ and cose/ (e.g. --data ../shared/data)", path)
+    questions, notes = path / "commonsenseqa" / f"{split}_rand_split.jsonl", path / "cose" / f"cose_{split}_v1.11.jsonl"
+    for f in (questions, notes):
+        if not f.is_file():
+            fail("file not found", f)
+    explained = {}
+    for lineno, rec in read_jsonl(notes, required=("id", "explanation")):
+        text = rec["explanation"].get("open-ended") if isinstance(rec["explanation"], dict) else None
+        if not isinstance(text, str):
+            fail("'explanation' must be an object with an 'open-ended' string", notes, lineno)
+        explained[str(rec["id"])] = " ".join(text.split())
+    out = []
+    for e in read_qa_choices(questions):
+        text = explained.get(e.id, "")
+        gold = e.choices[string.ascii_uppercase.index(e.gold)].lower()
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        keep = (len(text.split()) >= COSE_MIN_WORDS and text.lower().strip(" .") != gold
+                and any(w in words for w in re.findall(r"[a-z]{3,}", gold)))
+        out.append(Example(e.id, e.question, e.gold, e.choices, rationale=text if keep else None))
+    return out
+
+
 def labels_beside(path: Path) -> Path:
     """`valid.jsonl` -> `valid-labels.lst`, the official naming of PIQA and Social IQa."""
     return path.with_name(f"{path.stem}-labels.lst")

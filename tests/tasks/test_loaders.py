@@ -133,3 +133,24 @@ def test_missing_things(tmp_path: Path) -> None:
     assert "has splits train, test" in _err(lambda: get_task("gsm8k").load(FIX / "gsm8k", split="dev")).message
     assert "not size" in _err(lambda: get_task("gsm8k").load(FIX / "gsm8k", size=5)).message
     assert "limit" in _err(lambda: get_task("gsm8k").load(FIX / "gsm8k", limit=0)).message
+
+
+def test_cose_explanations_as_rationales(tmp_path: Path) -> None:
+    """CommonsenseQA questions with their CoS-E explanations; a generic, one-word or missing explanation gives none."""
+    from selfrefine.tasks import demonstration
+
+    ex = get_task("cose").load(FIX, split="train")
+    assert [(e.id, e.gold) for e in ex] == [("a1", "B"), ("a2", "A"), ("a3", "C"), ("a4", "D")]
+    assert [e.rationale for e in ex] == ["A refrigerator keeps food like milk cold.", None, None, None]
+    assert demonstration(ex[0], "choice") == "A refrigerator keeps food like milk cold.\nThe answer is (B)."
+    dev = get_task("commonsenseqa").load(FIX / "commonsenseqa")
+    assert [e.id for e in get_task("cose").load(FIX)] == [e.id for e in dev]  # "test" means dev
+    shutil.copytree(FIX / "commonsenseqa", tmp_path / "commonsenseqa")
+    assert "file not found" in _err(lambda: get_task("cose").load(tmp_path, split="train")).message
+    (tmp_path / "cose").mkdir()
+    (tmp_path / "cose" / "cose_dev_v1.11.jsonl").write_text('{"id": "x", "explanation": {"open-ended": "fine"}}\n'
+                                                          '{"id": "y", "explanation": "plain"}\n')
+    e = _err(lambda: get_task("cose").load(tmp_path))
+    assert (e.file, e.line) == (str(tmp_path / "cose" / "cose_dev_v1.11.jsonl"), 2) and "open-ended" in e.message
+    assert "needs the data folder" in _err(lambda: get_task("cose").load(FIX / "gsm8k" / "test.jsonl")).message
+    assert "splits train, dev" in _err(lambda: get_task("cose").load(FIX, split="valid")).message

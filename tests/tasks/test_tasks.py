@@ -12,7 +12,7 @@ from selfrefine.tasks import TASK_NAMES, Example, Task, get_task
 
 def test_registry() -> None:
     assert TASK_NAMES == (
-        "gsm8k", "multiarith", "commonsenseqa", "openbookqa", "piqa", "socialiqa", "arith", "arith_ood")
+        "gsm8k", "multiarith", "commonsenseqa", "cose", "openbookqa", "piqa", "socialiqa", "arith", "arith_ood")
     assert get_task("piqa").kind == "choice" and get_task("arith").kind == "math"
     with pytest.raises(UserError, match="known tasks: gsm8k, multiarith"):
         get_task("gsm9k")
