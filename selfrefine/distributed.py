@@ -154,21 +154,29 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict[str, torch.Tensor],
-                        optim_state: dict) -> None:
-    """Inverse of `trainable_state` + `optimizer_state`: every rank loads the full file and keeps its shard."""
+def load_trainable(model: torch.nn.Module, trainable: dict[str, torch.Tensor]) -> None:
+    """Inverse of `trainable_state`: every rank loads the full tensors and keeps its shard."""
     if not is_sharded(model):
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, t in trainable.items():
                 params[n].copy_(t)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict[str, torch.Tensor],
+                        optim_state: dict) -> None:
+    """Inverse of `trainable_state` + `optimizer_state`: every rank loads the full file and keeps its shard."""
+    load_trainable(model, trainable)
+    if not is_sharded(model):
         optimizer.load_state_dict(optim_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, trainable, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def gathered_model(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -28,6 +28,7 @@ from .schedule import MicroBatchOrder, cosine_lr, total_steps
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+BEST = "best.pt"  # the trainable weights with the lowest validation loss so far
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int = 0
+    eval_every: int = 0  # validation every N steps (and after the last); 0: after the last only
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bfloat16 autocast on CUDA (float16 + scaler without bf16); float32: none
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
@@ -51,7 +53,7 @@ class TrainConfig:
         checks = {"lr": self.lr > 0, "epochs": self.epochs > 0, "max_steps": self.max_steps >= 0,
                   "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1, "warmup": self.warmup >= 0,
                   "weight_decay": self.weight_decay >= 0, "max_grad_norm": self.max_grad_norm > 0,
-                  "save_every": self.save_every >= 0}
+                  "save_every": self.save_every >= 0, "eval_every": self.eval_every >= 0}
         for name, ok in checks.items():
             value = getattr(self, name)
             if not ok or isinstance(value, bool) or not math.isfinite(value):
@@ -166,7 +168,8 @@ def _trim_metrics(out_dir: Path, step: int) -> None:
 def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any], step_fn: StepFn,
           cfg: TrainConfig, out_dir: Path, device: torch.device, resume: bool = False,
           desc: str = "train", loss_weight: Callable[[Any], float] | None = None,
-          on_start: Callable[[], None] | None = None) -> dict[str, float]:
+          on_start: Callable[[], None] | None = None,
+          validate: Callable[[torch.nn.Module], float] | None = None) -> dict[str, float]:
     """Run optimizer steps up to the configured total; returns the last logged metrics.
 
     `loss_weight(batch)` is the denominator of the batch's mean loss (completion tokens for a token-mean
@@ -176,7 +179,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     on N processes gives the gradient of batch B * A * N in one go, whatever the micro-batches' lengths
     (DDP averages gradients over ranks, hence the factor `world`). The logged loss and metrics are the same
     weighted means over the step. `on_start` runs once the checkpoint (if any) has loaded: a resume records
-    itself only when it can go on.
+    itself only when it can go on. `validate(model)` is the held-out loss (`held_out_loss`), taken every
+    `eval_every` steps and after the last; the weights with the lowest one are those the model ends with.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,13 +243,56 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             done = step + 1 == total
+            if validate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                last["val_loss"] = _validate(model, engine, validate, amp, out_dir, step + 1)
             if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out_dir, model, optimizer, step + 1, scaler)
             if stopping and not done:
                 raise Interrupted(step + 1)
     if start >= total:
         print(f"{desc}: already at step {start} of {total}; nothing to train")
+    if validate is not None and (out_dir / BEST).exists():
+        last.update(_keep_best(model, out_dir, desc))
     return last
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, examples: list, collate: Callable[[list], Any], step_fn: StepFn,
+                  batch_size: int, loss_weight: Callable[[Any], float] | None = None) -> float:
+    """The training loss over held-out examples, weighted as in a step (`loss_weight`, else per example)."""
+    total = count = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size])
+        w = len(examples[i:i + batch_size]) if loss_weight is None else float(loss_weight(batch))
+        total += step_fn(model, batch)[0].item() * w
+        count += w
+    return total / max(count, 1.0)
+
+
+def _validate(model: torch.nn.Module, engine: torch.nn.Module, validate: Callable[[torch.nn.Module], float],
+              amp: contextlib.AbstractContextManager, out_dir: Path, step: int) -> float:
+    """The held-out loss after `step`, logged; the trainable weights kept in BEST when it is the lowest yet."""
+    engine.eval()
+    with torch.no_grad(), amp:
+        val = float(validate(engine))
+    engine.train()
+    trainable = distributed.trainable_state(model)  # every rank: a collective under FSDP
+    if distributed.is_main():
+        best = torch.load(out_dir / BEST, weights_only=True)["val_loss"] if (out_dir / BEST).exists() else None
+        if best is None or val < best:
+            with atomic_write(out_dir / BEST, "wb") as f:
+                torch.save({"step": step, "val_loss": val, "trainable": trainable}, f)
+        append_jsonl(out_dir / METRICS, {"step": step, "val_loss": val})
+    distributed.barrier()
+    return val
+
+
+def _keep_best(model: torch.nn.Module, out_dir: Path, desc: str) -> dict[str, float]:
+    """Loads BEST's weights into the model, the checkpoint the run keeps (the paper's stage-2 rule)."""
+    best = torch.load(out_dir / BEST, map_location="cpu", weights_only=True)
+    distributed.load_trainable(model, best["trainable"])
+    print(f"{desc}: keeping the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.4f})")
+    return {"best_step": best["step"], "best_val_loss": best["val_loss"]}
 
 
 def _resume(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

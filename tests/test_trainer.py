@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -274,3 +275,38 @@ def test_accumulation_with_uneven_micro_batches_weighs_examples():
             assert max((a - b).abs().max().item() for a, b in zip(ref, upd)) <= 1e-12
             for key in ("loss", "abs_y", "grad_norm"):
                 assert last[key] == pytest.approx(ref_last[key], rel=1e-12), key
+
+
+def test_held_out_loss_is_the_weighted_mean_of_its_batches():
+    """Batches of 2 with losses 1, 3, 5 (per-example weights 2, 2, 1; token weights 10, 1, 1)."""
+    from selfrefine.trainer import held_out_loss
+
+    losses = iter([1.0, 3.0, 5.0, 1.0, 3.0, 5.0])
+    step = lambda m, batch: (torch.tensor(next(losses)), {}, 0)  # noqa: E731
+    assert held_out_loss(None, [0, 1, 2, 3, 4], list, step, 2) == pytest.approx((2 + 6 + 5) / 5)
+    weight = lambda batch: 10 if batch == [0, 1] else 1  # noqa: E731
+    assert held_out_loss(None, [0, 1, 2, 3, 4], list, step, 2, weight) == pytest.approx((10 + 3 + 5) / 12)
+
+
+def test_validation_every_n_steps_keeps_the_lowest_and_resumes_with_it(tmp_path: Path):
+    """Validated after steps 3 and 6 and the last (8), with losses 3, 1, 2: the model ends with step 6's weights,
+    logged; a resume at the end keeps them; validation runs in eval mode (no dropout) and under no_grad."""
+    model, data, collate, step = toy_problem()
+    seen, losses = {}, iter([3.0, 1.0, 2.0])
+
+    def validate(m):
+        assert not m.training and not torch.is_grad_enabled()
+        seen[len(seen)] = [p.detach().clone() for p in model.parameters()]
+        return next(losses)
+
+    cfg = TrainConfig(**{**CFG.__dict__, "eval_every": 3})
+    last = train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"), validate=validate)
+    assert (last["best_step"], last["best_val_loss"], last["val_loss"]) == (6, 1.0, 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[2], model.parameters()))  # not simply the last
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_loss"]) for r in lines if "val_loss" in r] == [(3, 3.0), (6, 1.0), (8, 2.0)]
+    assert model.training
+    model, *_ = toy_problem()
+    again = train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"), resume=True, validate=validate)
+    assert again["best_step"] == 6 and all(torch.equal(a, b) for a, b in zip(seen[1], model.parameters()))

@@ -88,8 +88,9 @@ class TrainingOptions(ModelOptions):
     fsdp: bool = setting(False, "with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) "
                          "instead of DDP", group=TRAINING)
     merge: bool = setting(False, "also write OUT/merged/, a full model directory", group=TRAINING)
-    val_fraction: float = setting(0.0, "held-out share of the data for a final val loss", parse=fraction,
-                                  group=TRAINING)
+    val_fraction: float = setting(0.0, "held-out share of the data: its loss every --eval-every steps and after the "
+                                  "last; the weights with the lowest are kept", parse=fraction, group=TRAINING)
+    eval_every: int = setting(0, "validation every N steps (0: after the last only)", parse=nonneg_int, group=TRAINING)
     resume: bool = setting(False, "continue from OUT/checkpoint.pt", group=TRAINING)
     allow_config_change: bool = setting(False, "resume even if the settings differ", group=TRAINING)
 
@@ -106,6 +107,13 @@ class TrainingOptions(ModelOptions):
             return None
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                           targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+
+
+def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random `fraction` of `items` held out, the rest in that random order."""
+    n_val = int(len(items) * fraction)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
 def refuse_past_context(lengths: list[tuple[int | None, int]], ctx: int, what: str, source: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ from ..paths import check_outputs
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
 from ..runs import start_run
 from ..tokenizer import Tokenizer
-from ..trainer import autocast_context, train
-from .common import TRAINING, TrainingOptions, load, make_trainable, refuse_past_context, run_training, save_outputs
+from ..trainer import autocast_context, held_out_loss, train
+from .common import (TRAINING, TrainingOptions, hold_out, load, make_trainable, refuse_past_context, run_training,
+                     save_outputs)
 
 REF_CACHE = "reference_logps.jsonl"
 
@@ -250,8 +252,11 @@ def run(cfg: DPOConfig) -> dict:
     if cfg.precompute_ref:
         key = reference_key(cfg, [r for _, r in records], device)
         precompute_reference(step, model, pairs, tok.pad_id, cfg.batch_size, cfg.precision, out_dir, key)
-    print(f"DPO: {len(pairs)} pairs, beta {cfg.beta}, loss {cfg.loss}, device {device}")
-    last = run_training(train, model, pairs, lambda b: collate_pairs(b, tok.pad_id), step, cfg.train_config(),
-                        out_dir, device, resume=cfg.resume, desc="dpo", on_start=commit)
+    train_pairs, val = hold_out(pairs, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (pairs, [])  # file order
+    print(f"DPO: {len(train_pairs)} train / {len(val)} val pairs, beta {cfg.beta}, loss {cfg.loss}, device {device}")
+    collate = partial(collate_pairs, pad_id=tok.pad_id)
+    validate = (lambda m: held_out_loss(m, val, collate, step, cfg.batch_size)) if val else None
+    last = run_training(train, model, train_pairs, collate, step, cfg.train_config(), out_dir, device,
+                        resume=cfg.resume, desc="dpo", on_start=commit, validate=validate)
     save_outputs(model, lora, cfg.merge, cfg.model, out_dir)
     return last

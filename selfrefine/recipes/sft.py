@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
-from .. import distributed
 from ..data import encode_sft, pad_batch, read_sft
 from ..config import parse, setting
-from ..files import append_jsonl
 from ..paths import check_outputs
 from ..losses import packed_sft_loss, scored_positions
 from ..runs import start_run
-from ..trainer import METRICS, train
-from .common import TrainingOptions, load, make_trainable, refuse_past_context, run_training, save_outputs
+from ..trainer import held_out_loss, train
+from .common import (TrainingOptions, hold_out, load, make_trainable, refuse_past_context, run_training,
+                     save_outputs)
 
 
 @dataclass
@@ -34,19 +33,6 @@ def sft_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[st
 def completion_tokens(batch: dict) -> int:
     """The denominator of `sft_loss`: the tokens it scores (labels past the shift that are not ignored)."""
     return int((batch["labels"][:, 1:] != -100).sum())
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, examples: list, pad_id: int, batch_size: int) -> float:
-    """Token-weighted completion loss over held-out examples."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[i:i + batch_size], pad_id)
-        n = completion_tokens(batch)
-        total += sft_step(model, batch)[0].item() * n
-        count += n
-    return total / max(count, 1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,20 +54,13 @@ def run(cfg: SFTConfig) -> dict:
     make_trainable(model, lora, cfg.seed)
     out, commit = start_run(cfg.out, asdict(cfg), cfg.resume, cfg.allow_config_change,  # after every check
                             inputs={"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data})
-    n_val = int(len(examples) * cfg.val_fraction)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    val, train_set = [examples[i] for i in order[:n_val]], [examples[i] for i in order[n_val:]]
+    train_set, val = hold_out(examples, cfg.val_fraction, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"SFT: {len(train_set)} train / {len(val)} val examples, {n_params:,} trainable parameters, device {device}")
-    last = run_training(train, model, train_set, lambda b: pad_batch(b, tok.pad_id), sft_step, cfg.train_config(),
-                        out, device, resume=cfg.resume, desc="sft", loss_weight=completion_tokens,
-                        on_start=commit)
-    if val:
-        last["val_loss"] = mean_loss(model, val, tok.pad_id, cfg.batch_size)
-        if distributed.is_main():
-            append_jsonl(out / METRICS, {"step": last.get("step"), "val_loss": last["val_loss"],
-                                         "val_ppl": math.exp(min(last["val_loss"], 50))})
-        print(f"val loss {last['val_loss']:.4f}")
+    collate = partial(pad_batch, pad_id=tok.pad_id)
+    validate = (lambda m: held_out_loss(m, val, collate, sft_step, cfg.batch_size, completion_tokens)) if val else None
+    last = run_training(train, model, train_set, collate, sft_step, cfg.train_config(), out, device,
+                        resume=cfg.resume, desc="sft", loss_weight=completion_tokens, on_start=commit,
+                        validate=validate)
     save_outputs(model, lora, cfg.merge, cfg.model, out)
     return last

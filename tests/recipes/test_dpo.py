@@ -228,3 +228,20 @@ def test_reference_cache_recomputed_when_scoring_changes(tiny_dir: Path, pairs: 
     n, averaged = run(4, "--max-len", "100", "--average-logps")
     assert n == 6 and averaged[0]["key"] not in (first[0]["key"], longer[0]["key"])
     assert all(abs(a["chosen"]) < abs(s["chosen"]) for a, s in zip(averaged, longer))  # means, not sums
+
+
+def test_held_out_pairs_validated_and_the_lowest_kept(tiny_dir: Path, pairs: Path, tmp_path: Path, capsys):
+    """--val-fraction holds pairs out of training; their DPO loss is logged every --eval-every steps and the adapter
+    saved is that of the step with the lowest one (the paper's stage-2 rule)."""
+    out = tmp_path / "run"
+    last = dpo.main(["--model", str(tiny_dir), "--pairs", str(pairs), "--out", str(out), "--max-steps", "4",
+                     "--batch-size", "2", "--lr", "5e-2", "--warmup", "0", "--lora-r", "4", "--val-fraction", "0.25",
+                     "--eval-every", "2", "--precompute-ref"])
+    printed = capsys.readouterr().out
+    n = sum(1 for _ in pairs.open())
+    assert f"DPO: {n - n // 4} train / {n // 4} val pairs" in printed
+    vals = [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]
+    assert [s for s, _ in vals] == [2, 4] and all(v > 0 for _, v in vals)
+    best = min(vals, key=lambda sv: sv[1])
+    assert (last["best_step"], last["best_val_loss"]) == pytest.approx(best)
+    assert f"keeping the weights of step {best[0]}, the lowest validation loss" in printed

@@ -140,3 +140,13 @@ def test_logits_only_at_scored_positions_equal_full_logits(tiny_dir: Path):
     packed = model(ids, logits_at=positions)
     assert torch.allclose(packed, full[positions], atol=1e-6)
     assert torch.allclose(packed_sft_loss(packed, labels), sft_loss(full, labels), atol=1e-6)
+
+
+def test_val_fraction_holds_out_examples_and_logs_their_loss(tiny_dir: Path, demos: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    last = sft.main(["--model", str(tiny_dir), "--data", str(demos), "--out", str(out), "--max-steps", "3",
+                     "--batch-size", "2", "--lora-r", "4", "--val-fraction", "0.25"])
+    n = sum(1 for _ in demos.open())
+    assert f"SFT: {n - n // 4} train / {n // 4} val examples" in capsys.readouterr().out
+    assert [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r] == [(3, last["val_loss"])]
+    assert (last["best_step"], last["best_val_loss"]) == (3, last["val_loss"]) and last["val_loss"] > 0
