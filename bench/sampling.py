@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workloads", nargs="+", choices=["micro", *WORKLOADS],
                    help="what to run (default: all; micro only with --quick)")
-    p.add_argument("--slots", type=int, default=64, help="our decoding slots in the real workloads")
+    p.add_argument("--slots", type=int, default=128, help="our decoding slots in the real workloads")
     p.add_argument("--questions", type=int, default=64, help="arith training questions of the selfrefine workload")
     p.add_argument("--eval-questions", type=int, default=100, help="arith test questions of the eval workload")
     p.add_argument("--json", help="write the results here")

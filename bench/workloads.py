@@ -6,7 +6,7 @@ SmolLM2-135M-Instruct with its chat template and stop tokens (rows end at <|im_e
   (b) eval: `--eval-questions` (100) arith test questions, greedy, 96 new tokens (what `eval.py` does).
 
 Whole wall time, prefill included. Ours runs with `--slots` decoding slots (continuous batching, each prompt
-prefilled once for all its samples); `transformers` runs length-sorted, left-padded batches of 8, 32 and 64
+prefilled once for all its samples); `transformers` runs length-sorted, left-padded batches of 8, 32, 64 and 128
 rows (`num_return_sequences=4` for the CoT samples) and its best batch size is the peer. Both get the same
 prompt ids, budgets and stop ids. GFLOP/s is the work a minimal implementation must do (each distinct prompt
 prefilled once, each new token once; 2 x matmul weights per token) over the wall time, beside the matmul
@@ -30,7 +30,7 @@ from selfrefine.sampling import SamplingParams, generate
 from selfrefine.tasks import get_task, render_prompt
 from selfrefine.tokenizer import Tokenizer
 
-HF_BATCHES = (8, 32, 64)
+HF_BATCHES = (8, 32, 64, 128)  # the 8/32/64, and our slot count: the strongest peer
 WORKLOADS = ("selfrefine", "eval")
 
 
