@@ -192,6 +192,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
     scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as across the rows of one batch
     start = _resume(out_dir, model, optimizer, scaler) if resume else 0
+    best = _lowest_val_loss(out_dir) if validate is not None else None
     if on_start is not None:
         on_start()
     total = total_steps(len(examples), cfg.batch_size * world, cfg.grad_accum, cfg.epochs, cfg.max_steps)
@@ -244,7 +245,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             done = step + 1 == total
             if validate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                last["val_loss"] = _validate(model, engine, validate, amp, out_dir, step + 1)
+                last["val_loss"], best = _validate(model, engine, validate, amp, out_dir, step + 1, best)
             if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out_dir, model, optimizer, step + 1, scaler)
             if stopping and not done:
@@ -269,22 +270,31 @@ def held_out_loss(model: torch.nn.Module, examples: list, collate: Callable[[lis
     return total / max(count, 1.0)
 
 
+def _lowest_val_loss(out_dir: Path) -> float | None:
+    """The lowest validation loss so far, kept in BEST by an earlier part of this run (read once, at the start)."""
+    path = out_dir / BEST
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["val_loss"] if path.exists() else None
+
+
 def _validate(model: torch.nn.Module, engine: torch.nn.Module, validate: Callable[[torch.nn.Module], float],
-              amp: contextlib.AbstractContextManager, out_dir: Path, step: int) -> float:
-    """The held-out loss after `step`, logged; the trainable weights kept in BEST when it is the lowest yet."""
+              amp: contextlib.AbstractContextManager, out_dir: Path, step: int,
+              best: float | None) -> tuple[float, float | None]:
+    """(the held-out loss after `step`, the lowest so far), logged; the trainable weights kept in BEST when it is
+    the lowest. The loss is averaged over ranks, so every rank takes the same decision (and joins the gather)."""
     engine.eval()
     with torch.no_grad(), amp:
         val = float(validate(engine))
     engine.train()
-    trainable = distributed.trainable_state(model)  # every rank: a collective under FSDP
+    val = distributed.all_reduce_sum([val])[0] / distributed.world()
+    improved = best is None or val < best
+    trainable = distributed.trainable_state(model) if improved else None  # every rank: a collective under FSDP
     if distributed.is_main():
-        best = torch.load(out_dir / BEST, weights_only=True)["val_loss"] if (out_dir / BEST).exists() else None
-        if best is None or val < best:
+        if improved:
             with atomic_write(out_dir / BEST, "wb") as f:
                 torch.save({"step": step, "val_loss": val, "trainable": trainable}, f)
         append_jsonl(out_dir / METRICS, {"step": step, "val_loss": val})
     distributed.barrier()
-    return val
+    return val, val if improved else best
 
 
 def _keep_best(model: torch.nn.Module, out_dir: Path, desc: str) -> dict[str, float]:
