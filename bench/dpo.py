@@ -89,15 +89,15 @@ def contenders(args: argparse.Namespace) -> tuple[list[Contender], int]:
     pre_step = DPOStep(step_args, None)
     examples = pairs(cfg.vocab_size, args.batch, args.seq, args.seed)
     batch = to_device(collate_pairs(examples, pad_id=0), args.device)  # ref_logps None: scored on the fly
-    amp, _ = autocast_context(args.device)
+    amp, _ = autocast_context(args.device, args.precision)
     with amp:  # --precompute-ref: scored once, before training, with the numerics of the training step
         pre_batch = dict(batch, ref_logps=fly_step.reference_logps(ours.eval(), batch))
     ours.train()
     tokens = 2 * args.batch * args.seq
-    out = [contender("ours (precomputed ref)", ours, lambda: pre_step(ours, pre_batch)[0], tokens, args.device),
-           contender("ours (ref on the fly)", on_the_fly, lambda: fly_step(on_the_fly, batch)[0], tokens, args.device),
-           contender(f"transformers{'' if args.full else '+peft'} (TRL-style)", hf,
-                     lambda: hf_dpo_loss(hf, hf_ref, batch), tokens, args.device)]
+    sides = {"ours (precomputed ref)": (ours, lambda: pre_step(ours, pre_batch)[0]),
+             "ours (ref on the fly)": (on_the_fly, lambda: fly_step(on_the_fly, batch)[0]),
+             f"transformers{'' if args.full else '+peft'} (TRL-style)": (hf, lambda: hf_dpo_loss(hf, hf_ref, batch))}
+    out = [contender(name, m, loss, tokens, args.device, args.precision) for name, (m, loss) in sides.items()]
     return out, matmul_params(ours)
 
 

@@ -38,6 +38,7 @@ from selfrefine.checkpoint import load_model, save_model
 from selfrefine.files import write_json
 from selfrefine.model import ModelConfig
 from selfrefine.sampling import SamplingParams, generate
+from selfrefine.trainer import bf16_native
 
 RATIO_BATCH = 8
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(prog="bench/sampling.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="32 new tokens, one timed run per size")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights dtype of both sides; auto: what the recipes pick for inference (bfloat16 where native)")
     p.add_argument("--new-tokens", type=int, help="default 128 (32 with --quick)")
     p.add_argument("--repeats", type=int, help="timed runs per size and side, best kept (default 2, 1 with --quick)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 32 (+64 on cuda)")
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
     args.workloads = args.workloads or (["micro"] if args.quick else ["micro", *WORKLOADS])
     args.device = torch.device(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if bf16_native(args.device) else "float32"
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     args.repeats = args.repeats or (1 if args.quick else 2)
     if args.threads:

@@ -42,9 +42,10 @@ def contenders(args: argparse.Namespace) -> tuple[list[Contender], int]:
     ids, labels = batch["input_ids"], batch["labels"]
     mask = torch.ones_like(ids)
     tokens = args.batch * args.seq
-    out = [contender("ours", ours, lambda: sft_step(ours, batch)[0], tokens, args.device),
+    out = [contender("ours", ours, lambda: sft_step(ours, batch)[0], tokens, args.device, args.precision),
            contender("transformers" if args.full else "transformers+peft", hf,
-                     lambda: hf(input_ids=ids, attention_mask=mask, labels=labels).loss, tokens, args.device)]
+                     lambda: hf(input_ids=ids, attention_mask=mask, labels=labels).loss, tokens, args.device,
+                     args.precision)]
     return out, matmul_params(ours)
 
 

@@ -22,13 +22,15 @@ def training(**kw) -> TrainingOptions:
     return TrainingOptions(model="m", out="run", **kw)
 
 
-def test_pick_dtype():
+@pytest.mark.parametrize("native", [False, True])
+def test_pick_dtype(monkeypatch, native):
+    monkeypatch.setattr("selfrefine.recipes.common.bf16_native", lambda device: native)
     for training_run in (False, True):
-        assert pick_dtype("auto", CPU, training_run) == torch.float32
         for name, dtype in WEIGHT_DTYPES.items():
             assert pick_dtype(name, CPU, training_run) == pick_dtype(name, CUDA, training_run) == dtype
-    assert pick_dtype("auto", CUDA, training=False) == torch.bfloat16
-    assert pick_dtype("auto", CUDA, training=True) == torch.float32  # float32 master weights under autocast
+        assert pick_dtype("auto", CUDA, training_run) == pick_dtype("auto", CPU, training_run)
+    assert pick_dtype("auto", CPU, training=False) == (torch.bfloat16 if native else torch.float32)
+    assert pick_dtype("auto", CPU, training=True) == torch.float32  # float32 master weights under autocast
 
 
 def test_pick_device_refuses_cuda_when_not_available(monkeypatch):
@@ -77,9 +79,11 @@ def test_refuse_past_context_names_the_first_too_long_line():
     assert (e.value.file, e.value.line) == ("data.jsonl", 3)
 
 
-def test_load_gives_float32_model_and_tokenizer_on_cpu(tiny_dir: Path):
+def test_load_gives_the_picked_dtype_and_tokenizer_on_cpu(tiny_dir: Path):
     model, tok, device = load(ModelOptions(model=str(tiny_dir), device="cpu"))
     assert device == CPU and tok.vocab_size <= model.config.vocab_size
+    assert {p.dtype for p in model.parameters()} == {pick_dtype("auto", CPU, training=False)}
+    model, _, _ = load(ModelOptions(model=str(tiny_dir), device="cpu"), training=True)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 

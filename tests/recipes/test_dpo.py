@@ -16,7 +16,7 @@ from selfrefine.lora import LoRAConfig, inject_lora
 from selfrefine.preference import load_pairs
 from selfrefine.recipes import dpo
 from selfrefine.tokenizer import Tokenizer
-from selfrefine.trainer import TrainConfig, train
+from selfrefine.trainer import TrainConfig, autocast_context, train
 
 from .conftest import write_jsonl
 
@@ -86,7 +86,8 @@ def test_precomputed_reference_matches_on_the_fly(tiny_dir: Path, pairs: Path, t
     batch = collate_pairs(examples[1:4], tok.pad_id)
     cached = batch["ref_logps"]
     batch["ref_logps"] = None
-    on_the_fly = step.reference_logps(model, batch)
+    with autocast_context(torch.device("cpu"), "auto")[0]:  # as the training step scores it
+        on_the_fly = step.reference_logps(model, batch)
     assert torch.allclose(cached, on_the_fly, atol=1e-5)
     policy, _ = step.logps(model, batch)  # the adapter really was switched off for the reference
     assert not torch.allclose(policy[:3], on_the_fly[:, 0], atol=1e-3)
