@@ -52,10 +52,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="timed steps per contender, median reported; default 5 (3 with --quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per contender first")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="weights dtype (float32 weights train under bf16 autocast where the device has bf16 natively, as the "
-                        "trainer does)")
+                   help="weights dtype (float32 weights train under --precision's autocast, as the trainer does)")
     p.add_argument("--precision", default="auto", choices=["auto", "float32"],
-                   help="as the trainer's --precision: auto is bf16 autocast where native; float32 for exact comparisons")
+                   help="the trainer's --precision: auto is bf16 autocast where native; float32 for exact comparisons")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 dense bf16)")
     p.add_argument("--seed", type=int, default=0)

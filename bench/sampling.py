@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--quick", action="store_true", help="32 new tokens, one timed run per size")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weights dtype of both sides; auto: what the recipes pick for inference (bfloat16 where native)")
+                   help="weights dtype of both sides; auto: the recipes' choice for inference (bfloat16 where native)")
     p.add_argument("--new-tokens", type=int, help="default 128 (32 with --quick)")
     p.add_argument("--repeats", type=int, help="timed runs per size and side, best kept (default 2, 1 with --quick)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 32 (+64 on cuda)")

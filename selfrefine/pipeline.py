@@ -57,10 +57,13 @@ def substitute(obj: Any, values: dict[str, str]) -> Any:
 
 class Pipeline:
     """One seed's run into OUT. Every stage's recipe config is built (and so checked) here, before the first
-    stage runs; a stage then only says whether it resumes."""
+    stage runs; a stage then only says whether it resumes. `base_evals`: the run whose evaluation of the base
+    model this one reads instead of redoing it (under --seeds, the first seed's: greedy decoding of the same
+    base model on the same questions does not depend on the seed)."""
 
-    def __init__(self, cfg: dict[str, Any], source: str, out: Path, seed: int, force: bool) -> None:
-        self.cfg, self.out, self.seed = cfg, out, seed
+    def __init__(self, cfg: dict[str, Any], source: str, out: Path, seed: int, force: bool,
+                 base_evals: Pipeline | None = None) -> None:
+        self.cfg, self.out, self.seed, self.base_evals = cfg, out, seed, base_evals
         inputs = [Path(p) for p in (cfg.get("model"), cfg.get("teacher", {}).get("model")) if p]
         self.stages = Stages(out, force, protected=tuple(inputs))
         self.base = Path(cfg["model"]) if cfg.get("model") else out / "base"
@@ -102,11 +105,12 @@ class Pipeline:
         dpo_fp = self.stages.run("dpo", lambda: dpo.run(resumed(self.dpo)), outputs=[self.dpo_dir],
                                  options={**self.options["dpo"], "task": self.dpo.task},
                                  inputs={"sft": sft_fp, "samples": samples_fp, "demos": demos_fp})
-        models = {"base": (self.base, None, {"model": base_fp}),
-                  "sft": (self.student, None, {"model": sft_fp}),
-                  "self_refine": (self.student, self.dpo_dir / "adapter", {"model": sft_fp, "adapter": dpo_fp})}
-        results = {row: {split: self.evaluate(row, split, model, adapter, fps) for split in SPLITS}
-                   for row, (model, adapter, fps) in models.items()}
+        base = self.base_evals or self
+        models = {"base": (base, base.base, None, {"model": base_fp}),
+                  "sft": (self, self.student, None, {"model": sft_fp}),
+                  "self_refine": (self, self.student, self.dpo_dir / "adapter", {"model": sft_fp, "adapter": dpo_fp})}
+        results = {row: {split: run.evaluate(row, split, model, adapter, fps) for split in SPLITS}
+                   for row, (run, model, adapter, fps) in models.items()}
         return self.report(results)
 
     def convert(self) -> str:
@@ -262,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed_of = {s: s for s in args.seeds} if args.seeds else {
         None: args.seed if args.seed is not None else cfg.get("seed", 0)}
     dirs = seeds.seed_dirs(out, args.seeds) if args.seeds else {None: out}
-    pipelines = {s: Pipeline(cfg, args.config, dirs[s], seed_of[s], args.force) for s in dirs}  # all checked first
+    pipelines: dict[int | None, Pipeline] = {}
+    for s in dirs:  # all checked before the first stage runs; the first seed's base evaluation serves them all
+        pipelines[s] = Pipeline(cfg, args.config, dirs[s], seed_of[s], args.force, next(iter(pipelines.values()), None))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", describe(cfg, overrides=args.overrides, config_file=args.config))
     if args.seeds is None:

@@ -62,6 +62,7 @@ def test_pipeline_runs_seeds_into_one_report(tmp_path: Path, capsys):
     config.write_text(json.dumps(TINY))
     out = tmp_path / "run"
     pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model), "--seeds", "0,3"])
+    printed = capsys.readouterr().out
     saved = json.loads((out / "report.json").read_text())
     assert saved["seeds"] == [0, 3]
     per_seed = {s: json.loads(Path(p).read_text()) for s, p in saved["per_seed"].items()}
@@ -69,7 +70,11 @@ def test_pipeline_runs_seeds_into_one_report(tmp_path: Path, capsys):
     cell = saved["rows"]["sft"]["in_domain"]["arith"]["accuracy"]
     assert cell["values"] == [r["rows"]["sft"]["in_domain"]["arith"]["accuracy"] for r in per_seed.values()]
     assert saved["pooled"]["self_refine_vs_sft"]["out_of_domain"]["arith_ood"]["n"] == 2 * 3
-    assert "(pooled)" in capsys.readouterr().out
+    assert "(pooled)" in printed
+    # the base model is evaluated once (seed 0's run), and seed 3's report reads those predictions
+    assert printed.count("[eval_base_in_domain] ...") == 1 and printed.count("[eval_sft_in_domain] ...") == 2
+    assert not (out / "seed3" / "eval" / "base.in_domain.json").exists()
+    assert per_seed["3"]["rows"]["base"] == per_seed["0"]["rows"]["base"]
     with pytest.raises(UserError, match="not both"):
         pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model), "--seeds", "0",
                        "--seed", "1"])
