@@ -225,8 +225,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig) -> None:
-    """Write `adapter_model.safetensors` and `adapter_config.json` (PEFT format), each atomically."""
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig,
+                 base_model: str | os.PathLike | None = None) -> None:
+    """Write `adapter_model.safetensors` and `adapter_config.json` (PEFT format), each atomically. `base_model`
+    (the directory it was trained on, recorded as an absolute path) lets `AutoPeftModelForCausalLM` find it offline."""
     layers = _lora_modules(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters")
@@ -242,7 +244,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig) 
     write_json(out_dir / ADAPTER_CONFIG, {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": list(cfg.targets), **_UNSUPPORTED,
-        "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": None,
+        "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": str(Path(base_model).resolve()) if base_model is not None else None,
     })
 
 

@@ -179,7 +179,7 @@ def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, b
     Under torchrun rank 0 writes them (after FSDP, from the gathered full weights)."""
     model = distributed.gathered_model(model)
     if model is not None and lora is not None:
-        save_adapter(model, out / "adapter", lora)
+        save_adapter(model, out / "adapter", lora, base_model=base)
         print(f"adapter -> {out / 'adapter'}")
     if model is not None and (lora is None or merge):
         merged = merge_and_unload(model) if lora is not None else model

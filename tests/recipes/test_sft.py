@@ -103,6 +103,8 @@ def test_merged_output_loads_in_transformers(tiny_dir: Path, demos: Path, tmp_pa
     load_adapter(ours, out / "adapter")
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
+    recorded = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tiny_dir.resolve())  # what it was trained on, for PEFT's AutoPeftModel loader
 
 
 @pytest.mark.parametrize("bad,match", [
