@@ -35,9 +35,11 @@ from safetensors.torch import save as save_safetensors
 
 from .errors import UserError, fail
 from .files import atomic_write, read_json, write_json
+from .fingerprint import file_digest
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+MERGES = "merged_adapters.json"  # in a merged model directory: the adapters already in its weights
 PEFT_PREFIX = "base_model.model."
 # PEFT LoraConfig options we do not implement, with the value that means "off".
 _UNSUPPORTED = {"bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "lora_bias": False,
@@ -297,3 +299,25 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoRAConfig
             m.lora_A.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             m.lora_B.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
     return cfg
+
+
+def _merges(model_dir: str | os.PathLike) -> list[dict]:
+    path = Path(model_dir) / MERGES
+    return read_json(path)["merged"] if path.exists() else []
+
+
+def record_merge(merged_dir: str | os.PathLike, base_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> None:
+    """Say in `merged_dir` which adapters its weights hold: those of `base_dir`, then `adapter_dir` (by its weights'
+    content, so a copy of the adapter is recognised too)."""
+    entry = {"adapter": str(Path(adapter_dir).resolve()), "into": str(Path(base_dir).resolve()),
+             "adapter_weights_digest": file_digest(Path(adapter_dir) / ADAPTER_WEIGHTS)}
+    write_json(Path(merged_dir) / MERGES, {"merged": [*_merges(base_dir), entry]})
+
+
+def refuse_merged_twice(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> None:
+    """An adapter applied on a model that already has it merged would count twice, silently: refuse."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    merged = {m["adapter_weights_digest"]: m for m in _merges(model_dir)}
+    if weights.is_file() and (m := merged.get(file_digest(weights))):
+        fail(f"this adapter is already merged into {model_dir} (from {m['adapter']}, recorded in {MERGES}): "
+             "applying it again would count it twice", adapter_dir)

@@ -14,7 +14,8 @@ from ..checkpoint import load_model, save_model
 from ..config import Settings, setting
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
-from ..lora import LoRAConfig, inject_lora, load_adapter, merge_and_unload, save_adapter
+from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, record_merge, refuse_merged_twice,
+                    save_adapter)
 from ..tokenizer import Tokenizer
 from ..trainer import Interrupted, TrainConfig, bf16_native
 
@@ -156,6 +157,7 @@ def load(opts: ModelOptions, training: bool = False,
         fail(f"tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
              f"{model.config.vocab_size}: they belong to different models", Path(opts.model) / "tokenizer.json")
     if opts.adapter:
+        refuse_merged_twice(opts.model, opts.adapter)
         load_adapter(model, opts.adapter)
         if training:  # start the new stage from base+adapter as plain weights
             model = merge_and_unload(model)
@@ -184,6 +186,8 @@ def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, b
     if model is not None and (lora is None or merge):
         merged = merge_and_unload(model) if lora is not None else model
         save_model(merged, out / "merged", tokenizer_from=base)
+        if lora is not None:
+            record_merge(out / "merged", base, out / "adapter")
         print(f"merged model -> {out / 'merged'}")
     distributed.barrier()  # ranks finish together: one leaving while rank 0 writes can abort its teardown
 

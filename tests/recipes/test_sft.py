@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from selfrefine.data import IGNORE, encode_example, pad_batch
 from selfrefine.errors import UserError
 from selfrefine.recipes import sft
+from selfrefine.recipes.common import ModelOptions, load
 from selfrefine.tokenizer import Tokenizer
 
 from .conftest import write_jsonl
@@ -105,6 +107,12 @@ def test_merged_output_loads_in_transformers(tiny_dir: Path, demos: Path, tmp_pa
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-5)
     recorded = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == str(tiny_dir.resolve())  # what it was trained on, for PEFT's AutoPeftModel loader
+    # the merged directory knows its adapter: applying it again (or a copy of it) is refused
+    shutil.copytree(out / "adapter", tmp_path / "copy")
+    for adapter in (out / "adapter", tmp_path / "copy"):
+        with pytest.raises(UserError, match="already merged into .* applying it again would count it twice"):
+            load(ModelOptions(model=str(out / "merged"), adapter=str(adapter), device="cpu"))
+    load(ModelOptions(model=str(tiny_dir), adapter=str(out / "adapter"), device="cpu"))  # on its base: fine
 
 
 @pytest.mark.parametrize("bad,match", [
