@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .attention import KVCache, SlotCache
 from .errors import fail
 from .model import Transformer
+from .progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -375,7 +376,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     batch_of = {row: b for b in todo for row in plan[b]}
     unfinished = {b: len(plan[b]) for b in todo}
     new_tokens, start = 0, time.perf_counter()
-    bar = tqdm(total=len(rows), desc="sampling", unit="sample", disable=not progress)
+    bar = progress_bar(total=len(rows), desc="sampling", unit="sample", enabled=progress)
 
     def on_row(row: tuple[int, int], c: Completion) -> None:
         nonlocal new_tokens

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import UserError
 from .files import append_jsonl, atomic_write, drop_torn_tail, write_jsonl
+from .progress import progress_bar
 from .schedule import MicroBatchOrder, cosine_lr, total_steps
 
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
@@ -215,8 +215,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
         model.gradient_checkpointing = cfg.gradient_checkpointing
     last: dict[str, float] = {}
     t_start = time.perf_counter()
-    with _StopFlag() as stop, tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
-                                   disable=not distributed.is_main()) as bar:  # closed on every way out
+    with _StopFlag() as stop, progress_bar(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                                           enabled=distributed.is_main()) as bar:  # closed on every way out
         for step in range(start, total):
             t0 = time.perf_counter()
             lr = cosine_lr(step, cfg.lr, cfg.warmup, total)

@@ -10,7 +10,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..checkpoint import load_config
@@ -24,6 +23,7 @@ from ..lora import adapter_disabled
 from ..losses import dpo_loss, packed_sequence_logps, scored_positions
 from ..paths import check_outputs
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
+from ..progress import progress_bar
 from ..runs import start_run
 from ..tokenizer import Tokenizer
 from ..trainer import autocast_context, held_out_loss, train
@@ -194,7 +194,7 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Toke
     was_training = model.training
     model.eval()
     amp, _ = autocast_context(next(model.parameters()).device, precision)
-    for i in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs"):
+    for i in progress_bar(range(0, len(pairs), batch_size), desc="reference log-probs"):
         chunk = pairs[i:i + batch_size]
         with amp:
             ref = step.reference_logps(model, collate_pairs(chunk, pad_id))
