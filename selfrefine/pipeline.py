@@ -35,7 +35,8 @@ from .recipes.eval import compare_predictions, format_p
 from .runs import describe
 from .tokenizer import Tokenizer
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.json"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package (and linked as ./configs)
+DEFAULT_CONFIG = CONFIGS / "demo.json"
 ROWS = ("base", "sft", "self_refine")
 COMPARISONS = {"sft_vs_base": ("base", "sft"), "self_refine_vs_sft": ("sft", "self_refine")}  # name: (A, B)
 NAMES = {"base": "base", "sft": "SFT", "self_refine": "SFT+self-refine"}
@@ -241,7 +242,9 @@ def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = Parser(prog="python -m selfrefine.pipeline", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    shipped = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.json")))
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), type=config_path,
+                   help=f"a config file, or the name of a shipped one: {shipped} (default: demo)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--seeds", type=seed_list, help="comma-separated seeds (e.g. 0,1,2): each runs into OUT/seedS, "
@@ -280,6 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(seeds.markdown(summary, NAMES, COMPARISONS))
     print(f"report across seeds -> {out / 'report.json'}")
     return summary
+
+
+def config_path(name: str) -> str:
+    """A path as given, or a shipped config by name ("gsm8k_cpu", "gsm8k_cpu.json") when no such file is here."""
+    shipped = CONFIGS / (name if name.endswith(".json") else f"{name}.json")
+    return str(shipped) if not Path(name).exists() and "/" not in name and shipped.is_file() else name
 
 
 def load_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def test_bad_config_is_one_line_error(tmp_path: Path):
 def test_shipped_configs_give_valid_flags(name: str, tmp_path: Path):
     """Every option in a shipped config is a setting its recipe accepts (a typo would only show hours in): the
     pipeline builds every stage's typed config up front."""
-    path = Path(__file__).parent.parent / "configs" / name
+    path = pipeline.CONFIGS / name
     cfg = pipeline.substitute(json.loads(path.read_text()), {"data_dir": "/d", "teacher": "/t"})
     pipeline.check_config(cfg, str(path))
     run = pipeline.Pipeline(cfg, str(path), tmp_path, 0, False)
@@ -144,7 +144,7 @@ def test_cpu_recipe_runs_end_to_end_on_fixture_data(name: str, tasks: dict[str, 
     """A CPU recipe as shipped, on the fixture data files and the tiny model, shrunk only by command-line
     overrides: every stage runs and the report has every task of both splits."""
     model = make_tiny_model_dir(tmp_path / "model")
-    config = Path(__file__).parent.parent / "configs" / name
+    config = pipeline.CONFIGS / name
     small = ["sft.max_steps=2", "sft.warmup=0", "sample.limit=2", "sample.max_new_tokens=8", "sample.batch_size=4",
              "pairs.keep_truncated=true", "dpo.max_steps=1", "dpo.warmup=0", "eval_options.limit=2",
              "eval_options.max_new_tokens=6", "eval_options.batch_size=4"]
