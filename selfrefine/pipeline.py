@@ -97,7 +97,7 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         base_fp = self.convert()
         demos_fp = self.demonstrations()
-        check_budgets(Tokenizer.from_dir(self.base), Path(self.sft.data), self.sft_budgets())
+        check_budgets(Tokenizer.from_dir(self.base, self.sft.chat_format), Path(self.sft.data), self.sft_budgets())
         sft_fp = self.stages.run("sft", lambda: sft.run(resumed(self.sft)), outputs=[Path(self.sft.out)],
                                  options=self.options["sft"], inputs={"base": base_fp, "demos": demos_fp})
         samples_fp = self.stages.run("self_refine_samples", lambda: sample.run(resumed_sampling(self.sample)),

@@ -1,12 +1,20 @@
-"""Text <-> token ids and chat prompts, without jinja.
+"""Text <-> token ids and chat prompts.
 
-Chat templates are Jinja programs; instead of executing them we recognise the family from its markers
-and render it in Python, matching what `transformers`' `apply_chat_template` produces for the
-standard templates of each family:
+A model's chat template (`chat_template` in tokenizer_config.json, or chat_template.jinja) is rendered as
+`transformers`' `apply_chat_template` renders it, with jinja2 (an optional dependency, imported when first
+needed): same sandboxed environment, filters, globals and variables (`_ChatTemplate`), so the prompts are the ones
+the model was tuned on, including what a hand-written format would miss (Llama-3.1's "Cutting Knowledge Date"
+system header, Mistral-v0.3's spacing). `--chat-format` picks another: a .jinja file, or one of the built-in formats
+below, which are also the fallback for a model without a template (plain) and, for a template they recognise,
+for an install without jinja2. A template that is neither renderable nor recognised is an error, never a silent
+plain format.
+
+The built-in formats recognise the family from its markers and render it in Python, matching what
+`apply_chat_template` produces for the standard templates of each family:
 
 - chatml  (`<|im_start|>`; SmolLM2, Qwen2): `<|im_start|>{role}\\n{content}<|im_end|>\\n`, plus the
   template's default system prompt when it has one and the conversation brings none.
-- llama3  (`<|start_header_id|>`): `<|begin_of_text|>` once, then headers; contents are trimmed.
+- llama3  (`<|start_header_id|>`): `<|begin_of_text|>` once, then headers; contents are trimmed (no system header).
 - llama2  (`[INST]` and `<<SYS>>`): BOS before every user turn; the system prompt sits in `<<SYS>>`
   inside the first user turn.
 - mistral (`[INST]`, no `<<SYS>>`): Mixtral-8x7B-Instruct-v0.1's template (Mistral-7B-Instruct-v0.1's
@@ -21,8 +29,12 @@ contents and roles, completions, raw prompts) is plain text: a special-token str
 segments (template text, conversation text); `render_chat` joins them into the text transformers'
 `apply_chat_template` writes, and encoding marks the template's own control tokens and encodes the whole
 string in one call to a copy of the tokenizer that matches only those marks (see `_PlainTextEncoder`), so on
-text without special-token strings the ids are exactly those of the plain `tokenizers` encoding. Nothing adds
-automatic specials, so BOS appears exactly where the format puts it.
+text without special-token strings the ids are exactly those of the plain `tokenizers` encoding (transformers'
+`apply_chat_template(..., tokenize=True)`: the rendered string, no automatic specials added). Nothing adds
+automatic specials, so BOS appears exactly where the format puts it. A Jinja template cannot be split into
+segments by construction, so the conversation's control-token strings are wrapped in private-use marks before
+rendering and come out as conversation segments (`_ChatTemplate`), what transformers does with
+`sanitize_control_tokens=True`; by default transformers parses them as control tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +42,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union
 
@@ -39,6 +54,9 @@ from .errors import fail
 from .files import read_json
 
 CHAT_FORMATS = ("chatml", "llama2", "llama3", "mistral", "plain")
+TEMPLATE = "template"  # the model's own chat template (or a .jinja file), rendered with jinja2
+# The special tokens transformers passes to a template (`special_tokens_map`), by their variable names.
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 ChatInput = Union[str, list[dict[str, str]]]
 
 # A literal default system message in a ChatML template ("\n" may be a real newline or a Jinja escape).
@@ -109,6 +127,9 @@ def _token_text(value: Any) -> str | None:
 Segment = tuple[str, bool]
 # Supplementary Private Use Area-A: never in real text. It prefixes the template's control tokens while encoding.
 _MARK = "\U000F0000"
+# Wrapped around the conversation's control-token strings while a Jinja template renders it (see `_ChatTemplate`).
+_OPEN, _CLOSE = "\U000F0001", "\U000F0002"
+_PRIVATE = re.compile(f"[{_MARK}{_OPEN}{_CLOSE}]")
 
 
 def _strip(segments: list[Segment]) -> list[Segment]:
@@ -165,17 +186,149 @@ class _PlainTextEncoder:
         return [self.unmark.get(i, i) for i in self.tok.encode(text, add_special_tokens=False).ids]
 
 
+def _jinja() -> Any:
+    """jinja2, or None where it is not installed: it is optional, needed only to render chat templates."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.sandbox
+    except ImportError:
+        return None
+    return jinja2
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    """The template compiled as transformers' `_compile_jinja_template` does: a sandbox (templates are code from
+    the Hub), trim_blocks and lstrip_blocks, loop controls, its `tojson`, `raise_exception` and `strftime_now`;
+    `{% generation %}` (which marks assistant text for transformers' assistant mask) renders its body."""
+    jinja2 = _jinja()
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        fail(f"the chat template is not valid Jinja: {e} (line {e.lineno})")
+
+
+class _ChatTemplate:
+    """A Jinja chat template, rendered into segments as `apply_chat_template` renders it.
+
+    The template sees what transformers gives it: `messages`, `add_generation_prompt`, `tools` and `documents`
+    (None) and the special tokens (`variables`, e.g. `bos_token`). Its text is not split into template and
+    conversation parts by construction, so before rendering, every control-token string in the conversation
+    (`control_re`: those the encoder turns into control ids) is wrapped in private-use marks; afterwards the marked
+    strings are conversation segments, encoded as plain text, and the rest is template text. That is transformers'
+    `sanitize_control_tokens=True`, not its default, which encodes such strings as control tokens. A template
+    that cuts a marked string apart (slicing, `split`) leaves lone marks; they are dropped and the pieces are
+    template text. Text with the private-use marks themselves is refused, since it could forge them.
+
+    Templates that read the date (Llama-3.2's `strftime_now`) render differently from one day to the next, as in
+    transformers.
+    """
+
+    def __init__(self, template: str, variables: dict[str, str], control_re: re.Pattern) -> None:
+        self.compiled, self.variables, self.control_re = _compile(template), variables, control_re
+        self.marked_re = re.compile(f"{_OPEN}({control_re.pattern}){_CLOSE}|[{_OPEN}{_CLOSE}]")
+
+    def _mark(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if _PRIVATE.search(value):
+            fail("a message has U+F0000, U+F0001 or U+F0002, private-use marks reserved for control tokens")
+        return self.control_re.sub(lambda t: _OPEN + t.group(0) + _CLOSE, value)
+
+    def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Segment]:
+        marked = [{k: self._mark(v) for k, v in m.items()} for m in messages]
+        try:
+            text = self.compiled.render(messages=marked, tools=None, documents=None,
+                                        add_generation_prompt=add_generation_prompt, **self.variables)
+        except _jinja().exceptions.TemplateError as e:
+            fail(f"the chat template refused the conversation: {e}")
+        # re.split keeps the group: [template text, marked string (None for a lone mark), template text, ...]
+        return [(piece, i % 2 == 0) for i, piece in enumerate(self.marked_re.split(text)) if piece]
+
+
+def _model_template(model_dir: Path, tok_config: dict[str, Any]) -> str | None:
+    """The chat template from tokenizer_config.json or chat_template.jinja (where transformers >= 5 saves it)."""
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        fail(f"chat_template must be a string (or a list of {{name, template}}), got {type(template).__name__}",
+             model_dir / "tokenizer_config.json")
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    return template
+
+
+def _pick_format(requested: str | None, template: str | None, where: Path) -> tuple[str, str | None]:
+    """(chat format, template) for `--chat-format` `requested`: a built-in format, TEMPLATE or a .jinja file;
+    None is the model's own template where it has one (plain where not). Without jinja2 a template falls back to
+    the built-in format that recognises it, with a warning, since the two can differ; one that none recognises
+    is an error rather than a silent plain format."""
+    if requested is not None and requested not in (*CHAT_FORMATS, TEMPLATE):
+        path = Path(requested)
+        if not path.is_file():
+            fail("chat template file not found" if requested.endswith(".jinja") else f"unknown chat format "
+                 f"{requested!r}: choose from {', '.join(CHAT_FORMATS)}, {TEMPLATE} or give a .jinja file")
+        template, requested, where = path.read_text(encoding="utf-8"), TEMPLATE, path
+    if requested in CHAT_FORMATS:
+        return requested, template
+    if not template:
+        if requested == TEMPLATE:
+            fail("no chat template (tokenizer_config.json's chat_template or chat_template.jinja)", where)
+        return "plain", None
+    if _jinja() is not None:
+        return TEMPLATE, template
+    family = detect_chat_format(template)
+    if requested == TEMPLATE or family == "plain":
+        fail("rendering this chat template needs jinja2 (pip install 'jinja2>=3.1'), or choose a built-in "
+             f"format with --chat-format ({', '.join(CHAT_FORMATS)})", where)
+    print(f"warning: jinja2 is not installed: the chat template is rendered by the built-in {family} format, "
+          "which can differ from it (pip install 'jinja2>=3.1')", file=sys.stderr)
+    return family, template
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the model's special tokens and chat format."""
 
     def __init__(self, tok: tokenizers.Tokenizer, *, bos: str | None, eos: str, pad: str | None, chat_format: str,
-                 system_prompt: str | None = None, adds_bos: bool = False,
-                 extra_stop_ids: tuple[int, ...] = ()) -> None:
-        if chat_format not in CHAT_FORMATS:
-            fail(f"unknown chat format {chat_format!r} (choose from {', '.join(CHAT_FORMATS)})")
+                 system_prompt: str | None = None, adds_bos: bool = False, extra_stop_ids: tuple[int, ...] = (),
+                 template: str | None = None, template_vars: dict[str, str] | None = None) -> None:
+        """`chat_format` TEMPLATE renders `template` (with `template_vars`, the special tokens by their Jinja names);
+        the end of an assistant turn and the control tokens come from the family its markers show."""
+        if chat_format not in (*CHAT_FORMATS, TEMPLATE):
+            fail(f"unknown chat format {chat_format!r} (choose from {', '.join(CHAT_FORMATS)}, {TEMPLATE})")
+        if chat_format == TEMPLATE and not template:
+            fail("the template chat format needs a chat template")
+        family = detect_chat_format(template) if chat_format == TEMPLATE else chat_format
         self.tok, self.chat_format, self.system_prompt, self.adds_bos = tok, chat_format, system_prompt, adds_bos
         self.bos_token, self.eos_token = bos, eos
-        self.eot_token = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(chat_format, eos)
+        self.eot_token = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(family, eos)
         self.bos_id = None if bos is None else self._id(bos)
         self.eos_id, self.eot_id = self._id(eos), self._id(self.eot_token)
         # Padding is masked out everywhere, so any id works; EOS is the usual choice when none is declared.
@@ -183,8 +336,13 @@ class Tokenizer:
         self.stop_ids = list(dict.fromkeys([self.eot_id, self.eos_id, *extra_stop_ids]))
         control = {t for t in (bos, eos, pad, self.eot_token) if t is not None}
         control |= {"chatml": {"<|im_start|>"}, "llama3": {"<|begin_of_text|>", "<|start_header_id|>",
-                                                            "<|end_header_id|>"}}.get(chat_format, set())
+                                                            "<|end_header_id|>"}}.get(family, set())
+        if chat_format == TEMPLATE:  # the added tokens the template writes, as transformers' sanitizer takes them
+            control |= {a.content for a in tok.get_added_tokens_decoder().values()
+                        if a.content in template and not a.content.isspace()}
         self._plain = _PlainTextEncoder(tok, control)
+        self._template = (_ChatTemplate(template, template_vars or {}, self._plain.control_re)
+                          if chat_format == TEMPLATE else None)
 
     def _id(self, token: str) -> int:
         i = self.tok.token_to_id(token)
@@ -195,8 +353,7 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, chat_format: str | None = None) -> "Tokenizer":
         """Read tokenizer.json; special tokens from tokenizer_config.json, then special_tokens_map.json,
-        then generation_config.json; the chat template from tokenizer_config.json or chat_template.jinja
-        (where transformers >= 5 saves it)."""
+        then generation_config.json; the chat format as `_pick_format` chooses it (`chat_format`: --chat-format)."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
@@ -218,22 +375,15 @@ class Tokenizer:
         bos, eos = special("bos"), special("eos")
         if eos is None:
             fail("no eos_token in tokenizer_config.json, special_tokens_map.json or generation_config.json", model_dir)
-        template = tok_config.get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                            None)
-        if template is not None and not isinstance(template, str):
-            fail(f"chat_template must be a string (or a list of {{name, template}}), got {type(template).__name__}",
-                 model_dir / "tokenizer_config.json")
-        if template is None and (model_dir / "chat_template.jinja").is_file():
-            template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+        fmt, template = _pick_format(chat_format, _model_template(model_dir, tok_config), model_dir)
         # Base-model prompts ("plain") start with BOS iff the tokenizer adds one by default.
         adds_default = bos is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [tok.token_to_id(bos)]
-        fmt = chat_format or detect_chat_format(template)
+        named = {name: _token_text(c[name]) for c in (tok_map, tok_config) for name in TEMPLATE_TOKENS
+                 if _token_text(c.get(name))}  # as transformers' special_tokens_map: tokenizer_config.json wins
         return cls(tok, bos=bos, eos=eos, pad=special("pad"), chat_format=fmt,
-                   system_prompt=default_system_prompt(template) if fmt == "chatml" else None,
+                   system_prompt=default_system_prompt(template) if fmt in ("chatml", TEMPLATE) else None,
                    adds_bos=bool(tok_config.get("add_bos_token", adds_default)),
-                   extra_stop_ids=tuple(_ids(gen.get("eos_token_id"))))
+                   extra_stop_ids=tuple(_ids(gen.get("eos_token_id"))), template=template, template_vars=named)
 
     @property
     def vocab_size(self) -> int:
@@ -261,6 +411,12 @@ class Tokenizer:
     def _segments(self, messages: ChatInput, add_generation_prompt: bool) -> list[Segment]:
         """`render_chat` as (text, is_template) segments."""
         messages = normalize_chat(messages)
+        if self._template is not None:
+            return self._template.segments(messages, add_generation_prompt)
+        return self._format_segments(messages, add_generation_prompt)
+
+    def _format_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[Segment]:
+        """A built-in format's rendering, as segments."""
         bos = self.bos_token or ""
         fmt = self.chat_format
         out: list[Segment] = []
@@ -341,7 +497,10 @@ class Tokenizer:
                     completion: str) -> list[int]:
         full = self._segments([*messages, {"role": "assistant", "content": completion}], add_generation_prompt=False)
         prompt_text = "".join(text for text, _ in prompt_segments)
-        assert "".join(text for text, _ in full).startswith(prompt_text), "chat rendering is not prefix-stable"
+        if not "".join(text for text, _ in full).startswith(prompt_text):
+            fail("the chat template writes the prompt differently once the answer follows it (Mistral-v0.3's moves "
+                 "the system message), so no answer continues the prompt the model is given: drop the system "
+                 f"message or choose a built-in format with --chat-format ({', '.join(CHAT_FORMATS)})")
         # The answer's segments: after the prompt's text, up to the template's (last) end-of-turn token.
         body: list[Segment] = []
         pos = 0
@@ -350,7 +509,9 @@ class Tokenizer:
             pos += len(text)
             if cut:
                 body.append((cut, kind))
-        last = max(i for i, (text, kind) in enumerate(body) if kind and self.eot_token in text)
+        last = max((i for i, (text, kind) in enumerate(body) if kind and self.eot_token in text), default=None)
+        if last is None:
+            fail(f"the chat template does not end an assistant turn with {self.eot_token!r}, the end-of-turn token")
         text, kind = body[last]
         body = body[:last] + [(text[:text.rindex(self.eot_token)], kind)]
         in_context = self._plain.encode(prompt_segments + body)

@@ -46,7 +46,7 @@ class TrainConfig:
     save_every: int = 0
     eval_every: int = 0  # validation every N steps (and after the last); 0: after the last only
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto: bfloat16 autocast where native (`bf16_native`), float16 + scaler on other GPUs; float32: none
+    precision: str = "auto"  # auto: bf16 autocast where native (`bf16_native`), else float16 + scaler on GPUs; float32
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, record_merge, refuse_merged_twice,
                     save_adapter)
-from ..tokenizer import Tokenizer
+from ..tokenizer import CHAT_FORMATS, Tokenizer
 from ..trainer import Interrupted, TrainConfig, bf16_native
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,8 +30,11 @@ class ModelOptions(Settings):
                                 required=True, group="model")
     adapter: str | None = setting(None, "LoRA adapter directory to apply on top of --model", group="model")
     device: str = setting("auto", "auto (cuda if available), cpu or cuda[:N]", parse=device_name, group="model")
-    dtype: str = setting("auto", "weights dtype; auto = bfloat16 where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else float32",
-                         choices=["auto", *WEIGHT_DTYPES], group="model")
+    dtype: str = setting("auto", "weights dtype; auto = bfloat16 where the device has native bf16 (CUDA, "
+                         "AVX512-BF16/AMX CPUs), else float32", choices=["auto", *WEIGHT_DTYPES], group="model")
+    chat_format: str | None = setting(None, "how chats are written: template (the model's own chat template, the "
+                                      f"default where it has one), {', '.join(CHAT_FORMATS)}, or a .jinja file",
+                                      metavar="NAME|FILE.jinja", group="model")
 
 
 QUESTIONS = "questions"
@@ -84,7 +87,8 @@ class TrainingOptions(ModelOptions):
                         group=TRAINING)
     save_every: int = setting(0, "checkpoint every K steps (always at the end)", parse=nonneg_int, group=TRAINING)
     precision: str = setting("auto", "auto: bfloat16 autocast where the device has native bf16 (CUDA, "
-                             "AVX512-BF16/AMX CPUs), float16 + grad scaler on other GPUs, else float32", choices=["auto", "float32"], group=TRAINING)
+                             "AVX512-BF16/AMX CPUs), float16 + grad scaler on other GPUs, else float32",
+                             choices=["auto", "float32"], group=TRAINING)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward", group=TRAINING)
     fsdp: bool = setting(False, "with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) "
                          "instead of DDP", group=TRAINING)
@@ -152,7 +156,7 @@ def load(opts: ModelOptions, training: bool = False,
     device = pick_device(opts.device)
     distributed.init(device)
     model = load_model(opts.model, dtype=pick_dtype(opts.dtype, device, training), device=device)
-    tok = tok or Tokenizer.from_dir(opts.model)
+    tok = tok or Tokenizer.from_dir(opts.model, opts.chat_format)
     if tok.vocab_size > model.config.vocab_size:  # ids past the embedding table would crash (or read garbage on CUDA)
         fail(f"tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
              f"{model.config.vocab_size}: they belong to different models", Path(opts.model) / "tokenizer.json")

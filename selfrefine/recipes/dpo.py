@@ -237,7 +237,7 @@ def run(cfg: DPOConfig) -> dict:
     check_outputs({"--model": cfg.model, "--adapter": cfg.adapter, "--pairs": cfg.pairs, "--samples": cfg.samples,
                    "--demos": cfg.demos}, {"--out": cfg.out}, folders=["--out"])  # before anything loads
     out_dir = Path(cfg.out)
-    tok = Tokenizer.from_dir(cfg.model)
+    tok = Tokenizer.from_dir(cfg.model, cfg.chat_format)
     records, pairs, built = prepare_pairs(cfg, tok)
     model, tok, device = load(cfg, training=True, tok=tok)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.full else None
