@@ -3,7 +3,7 @@
     python -m selfrefine.convert_gguf --out DIR [--gguf PATH]
 
 A GGUF holds the weights (possibly quantized), the hyper-parameters as `llama.*` metadata and the
-tokenizer as `tokenizer.ggml.*` arrays. We dequantize (selfrefine/gguf_quants.py), undo llama.cpp's
+tokenizer as `tokenizer.ggml.*` arrays. We dequantize (`gguf.quants`), undo llama.cpp's
 Q/K row permutation, rename to HF names, and rebuild `tokenizer.json` with the `tokenizers` library,
 so everything downstream reads one format. `gguf` (the parser) is an optional dependency.
 """
@@ -24,7 +24,6 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .errors import cli_main, fail
-from .gguf_quants import QUANT_TYPES, dequantize
 from .files import atomic_write, write_json
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,21 +113,26 @@ def hf_tensor_name(name: str) -> str | None:
     return None
 
 
+def dequantize(t, path: Path) -> np.ndarray:
+    """A reader tensor as writable float32 of shape (out, in), by `gguf.quants`: the parser's own reference code."""
+    import gguf
+
+    try:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        fail(f"tensor {t.name!r} has type {t.tensor_type.name}, which gguf cannot dequantize", path)
+    shape = tuple(reversed([int(d) for d in t.shape]))  # GGUF lists dims innermost first
+    return np.require(values.reshape(shape), np.float32, ["C", "W"])  # F32 is a read-only view of the file
+
+
 def load_tensors(reader, path: Path, n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
     """Every tensor dequantized to float32 under its HF name, shape (out, in) as nn.Linear stores it."""
     out = {}
     for t in reader.tensors:
-        name, kind = hf_tensor_name(t.name), t.tensor_type.name
+        name = hf_tensor_name(t.name)
         if name is None:
             fail(f"tensor {t.name!r} has no Hugging Face Llama equivalent", path)
-        if kind not in QUANT_TYPES:
-            fail(f"tensor {t.name!r} has type {kind}, which is not supported "
-                 f"(supported: {', '.join(QUANT_TYPES)})", path)
-        try:
-            values = dequantize(t.data, kind, int(t.n_elements))
-        except ValueError as e:
-            fail(f"tensor {t.name!r}: {e}", path)
-        w = values.reshape(tuple(reversed([int(d) for d in t.shape])))  # GGUF lists dims innermost first
+        w = dequantize(t, path)
         if ".attn_q." in t.name or ".attn_k." in t.name:
             heads = n_heads if ".attn_q." in t.name else n_kv_heads
             if w.shape[0] % (2 * heads):

@@ -1,8 +1,9 @@
 """GGUF import: our converted model/tokenizer vs `transformers` reading the same GGUF (the oracle), and the user
-errors (unsupported type, bad file, foreign architecture). The dequantizers alone: tests/test_gguf_quants.py."""
+errors (unsupported type, bad file, foreign architecture). Dequantizing is `gguf.quants`' own code."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ import torch
 
 from selfrefine.convert_gguf import convert, default_gguf_path, main, unpermute_qk
 from selfrefine.errors import UserError, cli_main
-from tests.test_gguf_quants import random_blocks
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -72,6 +72,14 @@ TYPES = {"token_embd.weight": Q.Q8_0, "output.weight": Q.Q6_K, "output_norm.weig
          "blk.0.ffn_down.weight": Q.F16, "blk.1.attn_q.weight": Q.BF16, "blk.1.attn_k.weight": Q.F16}
 
 
+def random_blocks(qtype: Q, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for types gguf cannot quantize (the K-quants), with finite float16 scales."""
+    b = rng.integers(0, 256, (n_blocks, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    for offset in {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}.get(qtype, ()):
+        b[:, offset:offset + 2] = rng.uniform(-1, 1, (n_blocks, 1)).astype("<f2").view(np.uint8)
+    return b
+
+
 def write_tiny_gguf(path: Path, arch: str = "llama", untied: bool = True, add_bos: bool = False,
                     override: dict[str, Q] | None = None) -> Path:
     """A random 2-layer Llama in GGUF, written the way convert_hf_to_gguf does (q/k rows permuted)."""
@@ -113,12 +121,10 @@ def write_tiny_gguf(path: Path, arch: str = "llama", untied: bool = True, add_bo
             n = HEADS if ".attn_q." in name else KV_HEADS
             x = x.reshape(n, 2, shape[0] // n // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
         qtype = (override or {}).get(name, TYPES.get(name, Q.F32))
-        if qtype == Q.IQ4_NL:  # no quantizer; any bytes of the right length will do
-            w.add_tensor(name, rng.integers(0, 256, (shape[0], shape[1] // 32 * 18), dtype=np.uint8), raw_dtype=qtype)
-        elif qtype in (Q.F32, Q.F16):
+        if qtype in (Q.F32, Q.F16):
             w.add_tensor(name, gguf.quants.quantize(x, qtype))
-        elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
-            raw = random_blocks(qtype.name, x.size // 256, rng).reshape(shape[0], -1)
+        elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_K):  # no quantizer: random blocks
+            raw = random_blocks(qtype, x.size // gguf.GGML_QUANT_SIZES[qtype][0], rng).reshape(shape[0], -1)
             w.add_tensor(name, raw, raw_dtype=qtype)
         else:
             w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
@@ -195,12 +201,12 @@ def _expect_error(path: Path, tmp_path: Path, match: str) -> None:
 
 
 def test_unsupported_tensor_type(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = write_tiny_gguf(tmp_path / "iq.gguf", override={"blk.1.ffn_up.weight": Q.IQ4_NL})
-    _expect_error(path, tmp_path, r"'blk\.1\.ffn_up\.weight' has type IQ4_NL")
+    path = write_tiny_gguf(tmp_path / "q8k.gguf", override={"blk.1.ffn_up.weight": Q.Q8_K})  # gguf has no dequantizer
+    _expect_error(path, tmp_path, r"'blk\.1\.ffn_up\.weight' has type Q8_K, which gguf cannot dequantize")
     with pytest.raises(SystemExit) as e:  # the CLI: one line, exit code 2
         cli_main(lambda: main(["--gguf", str(path), "--out", str(tmp_path / "out")]))
     assert e.value.code == 2
-    assert capsys.readouterr().err.startswith(f"error: {path}: tensor 'blk.1.ffn_up.weight' has type IQ4_NL")
+    assert capsys.readouterr().err.startswith(f"error: {path}: tensor 'blk.1.ffn_up.weight' has type Q8_K")
 
 
 def test_foreign_architecture(tmp_path: Path) -> None:
@@ -261,6 +267,23 @@ def test_packaged_files(smollm2_dir: Path) -> None:
                                                                                   "<|im_end|>")
     assert "<|im_start|>assistant" in tok_cfg["chat_template"]
     assert json.loads((smollm2_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+# sha256 over the converted model.safetensors' tensors, by sorted name: name, numpy dtype, shape, bytes. Computed
+# with the hand-written numpy dequantizers (selfrefine/gguf_quants.py) before they were replaced by gguf.quants.
+SMOLLM2_TENSORS_SHA256 = "bf4406043db8148f6e30c52d6f3d488007de202a27c575e53ce05c39163532ec"
+
+
+@pytest.mark.slow
+def test_converted_tensors_unchanged(smollm2_dir: Path) -> None:
+    from safetensors.numpy import load_file
+
+    tensors, digest = load_file(smollm2_dir / "model.safetensors"), hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        for part in (name.encode(), str(t.dtype).encode(), str(t.shape).encode(), t.tobytes()):
+            digest.update(part)
+    assert digest.hexdigest() == SMOLLM2_TENSORS_SHA256
 
 
 @pytest.mark.slow
