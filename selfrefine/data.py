@@ -1,5 +1,7 @@
 """Turn SFT records and preference pairs into token ids with loss masks, and batch them.
 
+Records are read in our forms or in TRL's conversational ones (`record_turns`), and written in either (`exported`).
+
 Labels carry -100 on the prompt and the padding, so the loss sees only the completion and its single
 end-of-turn token. Padding is on the right and found from lengths, never from the pad id (SmolLM2's pad
 is its EOS, which must be trained).
@@ -43,24 +45,99 @@ def record_messages(prompt: object, path: os.PathLike | str, line: int, field: s
         fail(f"field {field!r}: {e.message}", path, line)
 
 
+def _described(value: object) -> str:
+    if isinstance(value, list):
+        roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in value]
+        return f"a list of {len(value)} message(s) {roles}"
+    return type(value).__name__
+
+
+def answer_text(value: object, path: os.PathLike | str, line: int, field: str) -> str:
+    """An answer's text: a string, or TRL's conversational form, a list of exactly one assistant message. More
+    turns are refused: only one answer is trained or compared, and silently dropping turns would hide it."""
+    if isinstance(value, str):
+        return value
+    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+        return value[0]["content"]
+    fail(f"field {field!r} must be a string or a list of one assistant message "
+         f"[{{\"role\": \"assistant\", \"content\": ...}}], got {_described(value)}", path, line)
+
+
+def _prompt_before_answer(prompt: Conversation, path: os.PathLike | str, line: int) -> Conversation:
+    if prompt[-1]["role"] == "assistant":
+        fail("the prompt ends with an assistant message; it must end before one (the answer)", path, line)
+    return prompt
+
+
+def _shared_prompt(rec: dict, answers: tuple[str, ...], path: os.PathLike | str,
+                   line: int) -> tuple[Conversation, list[str]]:
+    """TRL's implicit prompt: each answer field a whole conversation ending in an assistant message; the messages
+    before it, the same in every field, are the prompt."""
+    chats: list[Conversation] = []
+    for f in answers:
+        if not isinstance(rec[f], list):
+            fail(f"field {f!r} must be a list of messages (with no 'prompt' field, the messages before the last are "
+                 "the prompt)", path, line)
+        chat = record_messages(rec[f], path, line, f)
+        if len(chat) < 2 or chat[-1]["role"] != "assistant":
+            fail(f"{f!r} must end with an assistant turn after at least one other turn", path, line)
+        if chats and chat[:-1] != chats[0][:-1]:
+            fail(f"{f!r} and {answers[0]!r} must share every message but their last (the implicit prompt)", path, line)
+        chats.append(chat)
+    return _prompt_before_answer(chats[0][:-1], path, line), [chat[-1]["content"] for chat in chats]
+
+
+def record_turns(rec: dict, answers: tuple[str, ...], path: os.PathLike | str, line: int,
+                 implicit: bool) -> tuple[Conversation, list[str]]:
+    """(prompt messages, one text per field of `answers`) of a record in any accepted form, ours or TRL's: the one
+    place the forms are told apart, so that each reaches the tokenizer as the same messages.
+
+    Explicit prompt: `prompt` is a string (templated as one user turn) or messages, each answer a string or one
+    assistant message. `implicit`: no prompt field (TRL's implicit prompt, an SFT record's `messages`), see
+    `_shared_prompt`.
+    """
+    if implicit:
+        return _shared_prompt(rec, answers, path, line)
+    prompt = _prompt_before_answer(record_messages(rec["prompt"], path, line, "prompt"), path, line)
+    return prompt, [answer_text(rec[f], path, line, f) for f in answers]
+
+
+def sft_turns(rec: dict, path: os.PathLike | str, line: int) -> tuple[Conversation, str]:
+    """A demonstration's (prompt messages, completion) from `{"prompt", "completion"}` or `{"messages": [...]}`
+    (which wins when both are there: chat data sets carry a `prompt` beside their `messages`)."""
+    if "messages" in rec:
+        prompt, (completion,) = record_turns(rec, ("messages",), path, line, implicit=True)
+        return prompt, completion
+    for key in ("prompt", "completion"):
+        if key not in rec:
+            fail(f"missing field {key!r} (records need prompt+completion, or messages)", path, line)
+    prompt, (completion,) = record_turns(rec, ("completion",), path, line, implicit=False)
+    return prompt, completion
+
+
 def read_sft(path: str | os.PathLike) -> list[tuple[int, Conversation, str]]:
-    """(line, prompt messages, completion) from `{"prompt", "completion"}` or `{"messages": [...]}` records."""
+    """(line, prompt messages, completion) from records in any form `sft_turns` accepts."""
     rows = []
     for line, rec in read_jsonl(path):
-        if "messages" in rec:
-            msgs = record_messages(rec["messages"], path, line, "messages")
-            if msgs[-1].get("role") != "assistant" or len(msgs) < 2:
-                fail("'messages' must end with an assistant turn after at least one other turn", path, line)
-            prompt, completion = msgs[:-1], msgs[-1]["content"]
-        else:
-            for key in ("prompt", "completion"):
-                if key not in rec:
-                    fail(f"missing field {key!r} (records need prompt+completion, or messages)", path, line)
-            prompt, completion = record_messages(rec["prompt"], path, line, "prompt"), rec["completion"]
-        if not isinstance(completion, str) or not completion.strip():
+        prompt, completion = sft_turns(rec, path, line)
+        if not completion.strip():
             fail("empty completion", path, line)
         rows.append((line, prompt, completion))
     return rows
+
+
+EXPORT_FORMATS = ("default", "trl")
+
+
+def exported(records: list[dict], answers: tuple[str, ...], fmt: str) -> list[dict]:
+    """Records as written: as built (`default`), or in TRL's conversational form (`trl`), the prompt as messages and
+    each answer one assistant message. We template a string prompt as one user turn, TRL uses it raw and templates
+    only messages: in this form both tools train on the same tokens."""
+    if fmt == "default":
+        return records
+    as_message = lambda text: [{"role": "assistant", "content": text}]
+    return [{**r, "prompt": normalize_chat(r["prompt"]), **{f: as_message(r[f]) for f in answers}} for r in records]
 
 
 def encode_example(tok, prompt: Conversation, completion: str, max_len: int, path, line: int) -> tuple[TokenizedText, bool]:

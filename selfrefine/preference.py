@@ -37,6 +37,7 @@ import os
 import random
 from collections import Counter
 
+from .data import record_turns, sft_turns
 from .errors import fail
 from .files import read_jsonl
 
@@ -48,8 +49,6 @@ _SOURCES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # strategy -> 
 }
 SAMPLE_FIELDS = ("task", "id", "sample", "prompt_type", "prompt", "completion", "finish_reason", "pred", "gold",
                  "correct")
-DEMO_FIELDS = ("id", "prompt", "completion")
-PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def normalize_text(text: str) -> str:
@@ -252,33 +251,44 @@ def load_samples(path: str | os.PathLike, task: str | None = None) -> list[dict]
 
 
 def load_demos(path: str | os.PathLike) -> list[dict]:
-    """Teacher demonstrations, one per question id."""
-    rows = read_jsonl(path, required=DEMO_FIELDS)
+    """Teacher demonstrations {id, prompt, completion}, one per question id, in any form `data.sft_turns` reads. The
+    prompt must be one user message: it is matched to the CoT prompt of the samples, which is one."""
     seen: dict[object, int] = {}
-    for lineno, rec in rows:
-        _check_fields(rec, ("prompt", "completion"), path, lineno)
+    demos = []
+    for lineno, rec in read_jsonl(path, required=("id",)):
+        _check_fields(rec, (), path, lineno)
+        prompt, completion = sft_turns(rec, path, lineno)
+        if len(prompt) != 1 or prompt[0]["role"] != "user":
+            fail(f"a demonstration's prompt must be one user message (the question's CoT prompt), got roles "
+                 f"{[m['role'] for m in prompt]}", path, lineno)
         if rec["id"] in seen:
             fail(f"second demonstration for question {rec['id']!r} (first at line {seen[rec['id']]})", path, lineno)
         seen[rec["id"]] = lineno
-    return [rec for _, rec in rows]
+        rest = {k: v for k, v in rec.items() if k != "messages"}
+        demos.append({**rest, "prompt": prompt[0]["content"], "completion": completion})
+    return demos
 
 
 def load_pairs(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], dict]:
     """Usable pairs as (line number, record), and {count, empty: [lines], identical: [lines]} of the
     skipped ones: a pair with an empty side or the same text on both sides teaches nothing and is skipped,
     not fatal; a file with no usable pair is. `id` and the sources are optional here (pairs may come from
-    elsewhere); `prompt` is checked by whoever renders it (a string or a list of chat messages)."""
+    elsewhere). Any form `data.record_turns` reads is accepted, and the record returned in ours: `chosen` and
+    `rejected` texts, `prompt` as given (a string or chat messages) or, implicit, the shared leading messages."""
     skipped: dict[str, list[int]] = {"empty": [], "identical": []}
     pairs = []
-    for lineno, rec in read_jsonl(path, required=PAIR_FIELDS):
-        _check_fields(rec, ("chosen", "rejected"), path, lineno)
-        chosen, rejected = normalize_text(rec["chosen"]), normalize_text(rec["rejected"])
-        if not chosen or not rejected:
+    for lineno, rec in read_jsonl(path, required=("chosen", "rejected")):
+        _check_fields(rec, (), path, lineno)
+        prompt, (chosen, rejected) = record_turns(rec, ("chosen", "rejected"), path, lineno,
+                                                  implicit="prompt" not in rec)
+        keys = normalize_text(chosen), normalize_text(rejected)
+        if not all(keys):
             skipped["empty"].append(lineno)
-        elif chosen == rejected:
+        elif keys[0] == keys[1]:
             skipped["identical"].append(lineno)
         else:
-            pairs.append((lineno, rec))
+            pairs.append((lineno, {**rec, "prompt": rec.get("prompt", prompt), "chosen": chosen,
+                                   "rejected": rejected}))
     if not pairs:
         fail(f"no usable preference pairs ({len(skipped['empty'])} with an empty side, "
              f"{len(skipped['identical'])} with chosen == rejected)", path)

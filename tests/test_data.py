@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfrefine.data import (IGNORE, TokenizedPair, TokenizedText, collate_pairs, encode_example, encode_pair,
-                             pad_batch, read_sft)
+from selfrefine.data import (EXPORT_FORMATS, IGNORE, TokenizedPair, TokenizedText, collate_pairs, encode_example,
+                             encode_pair, encode_sft, exported, pad_batch, read_sft)
 from selfrefine.errors import UserError
 from selfrefine.tokenizer import Tokenizer
 from tests.helpers import write_tiny_tokenizer
@@ -35,18 +35,52 @@ def test_read_sft_both_record_shapes(tmp_path: Path) -> None:
     assert read_sft(path) == [(1, [{"role": "user", "content": "What is 1+1?"}], "2"), (2, chat, "4")]
 
 
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def test_read_sft_trl_conversational_forms(tmp_path: Path) -> None:
+    """TRL's prompt-completion form (prompt and completion as messages) and `messages` read as our forms do; a
+    `prompt` beside `messages` (chat data sets carry one) is not the prompt."""
+    chat = [msg("system", "Be brief."), msg("user", "2+2?")]
+    path = write_jsonl(tmp_path / "demos.jsonl", [
+        {"prompt": [msg("user", "What is 1+1?")], "completion": [msg("assistant", "2")]},
+        {"prompt": chat, "completion": "4"},
+        {"prompt": "2+2?", "messages": chat + [msg("assistant", "4")]}])
+    assert read_sft(path) == [(1, [msg("user", "What is 1+1?")], "2"), (2, chat, "4"), (3, chat, "4")]
+
+
 @pytest.mark.parametrize("bad,says", [
     ({"prompt": "q"}, "missing field 'completion'"),
     ({"prompt": "q", "completion": "  "}, "empty completion"),
     ({"prompt": " ", "completion": "a"}, "field 'prompt' must be a non-empty string"),
     ({"prompt": [{"role": "user"}], "completion": "a"}, "field 'prompt': each message needs string 'role'"),
     ({"messages": [{"role": "user", "content": "q"}]}, "'messages' must end with an assistant turn"),
+    ({"messages": "q"}, "field 'messages' must be a list of messages"),
+    ({"prompt": "q", "completion": [msg("assistant", "a"), msg("assistant", "b")]},
+     r"field 'completion' must be a string or a list of one assistant message .*, got a list of 2 message"),
+    ({"prompt": "q", "completion": [msg("user", "a")]}, r"got a list of 1 message\(s\) \['user'\]"),
+    ({"prompt": "q", "completion": 5}, "'completion' must be a string or a list of one assistant message .*, got int"),
+    ({"prompt": [msg("user", "q"), msg("assistant", "a")], "completion": "b"}, "the prompt ends with an assistant"),
+    ({"messages": [msg("user", "q"), msg("assistant", "a"), msg("assistant", "b")]}, "the prompt ends with an"),
 ])
 def test_read_sft_names_the_bad_record(tmp_path: Path, bad: dict, says: str) -> None:
     path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "q", "completion": "a"}, bad])
     with pytest.raises(UserError, match=says) as info:
         read_sft(path)
     assert (info.value.file, info.value.line) == (str(path), 2)
+
+
+def test_trl_export_reads_back_to_the_same_examples(tok: Tokenizer, tmp_path: Path) -> None:
+    """--export-format trl writes the prompt as one user message and the completion as one assistant message: read
+    back, the same token ids and labels as our form (a string prompt is one user turn here)."""
+    demos = [{"id": 1, "prompt": "What is 2 plus 3?", "completion": "It is 5."},
+             {"id": 2, "prompt": [msg("system", "Be brief."), msg("user", "1+1?")], "completion": "2"}]
+    ours, trl = (write_jsonl(tmp_path / f"{f}.jsonl", exported(demos, ("completion",), f)) for f in EXPORT_FORMATS)
+    assert exported(demos, ("completion",), "default") == demos
+    assert json.loads(trl.read_text().splitlines()[0]) == {
+        "id": 1, "prompt": [msg("user", "What is 2 plus 3?")], "completion": [msg("assistant", "It is 5.")]}
+    assert encode_sft(tok, read_sft(trl), 64, trl) == encode_sft(tok, read_sft(ours), 64, ours)
 
 
 def test_encode_example_masks_the_prompt_and_truncates_the_completion(tok: Tokenizer) -> None:

@@ -230,6 +230,62 @@ def test_load_pairs_skips_degenerate_pairs(tmp_path, records):
         load_pairs(_write(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "c"}]))
 
 
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+CHAT = [msg("system", "Be brief."), msg("user", "2+2?")]
+
+
+def test_load_pairs_reads_trl_conversational_forms_as_ours(tmp_path):
+    """Explicit prompt with answers as one assistant message each, and the implicit prompt (the leading messages
+    chosen and rejected share): the same texts and prompt as our form."""
+    forms = [{"prompt": CHAT, "chosen": "4", "rejected": "5"},
+             {"id": "q", "prompt": CHAT, "chosen": [msg("assistant", "4")], "rejected": [msg("assistant", "5")]},
+             {"chosen": CHAT + [msg("assistant", "4")], "rejected": CHAT + [msg("assistant", "5")]},
+             {"prompt": "2+2?", "chosen": [msg("assistant", "4")], "rejected": "5"}]
+    loaded, _ = load_pairs(_write(tmp_path / "p.jsonl", forms))
+    assert [(rec["prompt"], rec["chosen"], rec["rejected"]) for _, rec in loaded] == [(CHAT, "4", "5")] * 3 + [
+        ("2+2?", "4", "5")]
+    assert loaded[1][1]["id"] == "q"
+    same = {"chosen": CHAT + [msg("assistant", "4")], "rejected": CHAT + [msg("assistant", " 4")]}
+    _, skipped = load_pairs(_write(tmp_path / "p.jsonl", [forms[2], same]))
+    assert skipped["identical"] == [2]  # judged on the answers' texts, as ours
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"chosen": "4", "rejected": "5"}, "field 'chosen' must be a list of messages .*no 'prompt' field"),
+    ({"chosen": CHAT + [msg("assistant", "4")], "rejected": CHAT[1:] + [msg("assistant", "5")]},
+     r"'rejected' and 'chosen' must share every message but their last \(the implicit prompt\)"),
+    ({"chosen": CHAT, "rejected": CHAT + [msg("assistant", "5")]}, "'chosen' must end with an assistant turn"),
+    ({"chosen": [*CHAT, msg("assistant", "4"), msg("assistant", "4")],
+      "rejected": [*CHAT, msg("assistant", "4"), msg("assistant", "5")]}, "the prompt ends with an assistant message"),
+    ({"prompt": CHAT, "chosen": [msg("assistant", "4"), msg("user", "?")], "rejected": "5"},
+     r"field 'chosen' must be a string or a list of one assistant message .*got a list of 2 message\(s\)"),
+    ({"prompt": CHAT, "chosen": "4", "rejected": [msg("user", "5")]}, "field 'rejected' must be a string or"),
+    ({"prompt": [msg("user", 2)], "chosen": "4", "rejected": "5"}, "field 'prompt': each message needs string"),
+])
+def test_load_pairs_names_the_bad_conversational_record(tmp_path, bad, message):
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}, bad])
+    with pytest.raises(UserError, match=message) as e:
+        load_pairs(path)
+    assert (e.value.file, e.value.line) == (path, 2) and str(e.value).startswith(f"{path}:2: ")
+
+
+def test_load_demos_reads_trl_forms_as_ours(tmp_path):
+    """A demonstration's prompt is matched to its samples' CoT prompt (a string, one user turn): TRL's forms read
+    back to the same record, and a prompt of other turns is refused."""
+    ours = demo("q1")
+    trl = [{"id": "q1", "prompt": [msg("user", ours["prompt"])], "completion": [msg("assistant", ours["completion"])]},
+           {"id": "q1", "messages": [msg("user", ours["prompt"]), msg("assistant", ours["completion"])]}]
+    for rec in trl:
+        assert load_demos(_write(tmp_path / "d.jsonl", [rec])) == [ours]
+    path = _write(tmp_path / "d.jsonl", [ours, {"id": "q2", "prompt": CHAT, "completion": "4"}])
+    with pytest.raises(UserError, match=r"prompt must be one user message .*got roles \['system', 'user'\]") as e:
+        load_demos(path)
+    assert (e.value.file, e.value.line) == (path, 2)
+
+
 def test_normalize_text():
     assert normalize_text("  The\tAnswer\n is 4. ") == "the answer is 4."
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..answers import Question
 from ..config import setting
+from ..data import EXPORT_FORMATS, exported
 from ..errors import fail
 from ..files import write_jsonl
 from ..paths import check_outputs
@@ -18,6 +19,8 @@ from .common import QuestionOptions
 @dataclass
 class RationalesConfig(QuestionOptions):
     demos_out: str | None = setting(None, "demonstrations JSONL {id, prompt, completion}", required=True)
+    export_format: str = setting("default", "form of --demos-out: ours (prompt and completion strings), or TRL's "
+                                 "conversational one (chat messages)", choices=EXPORT_FORMATS)
 
 
 def rationale_demos(questions: list[Question], kind: str) -> list[dict]:
@@ -36,6 +39,6 @@ def run(cfg: RationalesConfig) -> list[dict]:
     demos = rationale_demos(questions, kind) if kind is not None else []
     if not demos:
         fail(f"task {cfg.task} has no rationales to use as demonstrations", cfg.data)
-    write_jsonl(cfg.demos_out, demos)
+    write_jsonl(cfg.demos_out, exported(demos, ("completion",), cfg.export_format))
     print(f"{len(demos)} demonstrations from the data's rationales -> {cfg.demos_out}")
     return demos

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from .. import distributed
 from ..answers import answer, encode_prompts
 from ..config import parse, setting
+from ..data import EXPORT_FORMATS, exported
 from ..errors import fail
 from ..files import append_jsonl, drop_torn_tail, read_jsonl, remove_stale_temps, write_jsonl
 from ..fingerprint import path_digest
@@ -53,6 +54,8 @@ class SampleConfig(QuestionOptions, ModelOptions):
     keep_correct: bool = setting(False, "also write the correct cot answers as SFT demos")
     demos_out: str | None = setting(None, "demonstrations JSONL {id, prompt, completion} (with --keep-correct "
                                     "or --from-rationales)")
+    export_format: str = setting("default", "form of the demonstrations: ours (prompt and completion strings), or "
+                                 "TRL's conversational one (chat messages)", choices=EXPORT_FORMATS)
     no_progress: bool = setting(False, "no progress bar")
 
     def check(self) -> None:
@@ -69,6 +72,9 @@ class SampleConfig(QuestionOptions, ModelOptions):
                 fail(f"--{name} is required (unless --from-rationales)")
         if self.demos_out and not self.keep_correct:
             fail("--demos-out goes with --keep-correct (or --from-rationales)")
+        if self.export_format != "default" and not self.keep_correct:
+            fail("--export-format is the form of the demonstrations: it goes with --keep-correct (or "
+                 "--from-rationales)")
 
     def demos_path(self) -> str | None:
         """Where --keep-correct writes the demonstrations: --demos-out, else OUT-stem.demos.jsonl."""
@@ -162,7 +168,7 @@ def run(cfg: SampleConfig) -> list[dict]:
             os.unlink(p)
         print(summary(records, out, kind, ptypes))
         if cfg.keep_correct:
-            write_demos(records, Path(cfg.demos_path()))
+            write_demos(records, Path(cfg.demos_path()), cfg.export_format)
     return records
 
 
@@ -177,12 +183,12 @@ def summary(records: list[dict], out: Path, kind: str | None, ptypes: tuple[str,
     return text
 
 
-def write_demos(records: list[dict], dest: Path) -> None:
-    """The first correct cot answer of each question, as an SFT demonstration."""
+def write_demos(records: list[dict], dest: Path, export_format: str = "default") -> None:
+    """The first correct cot answer of each question, as an SFT demonstration (in `data.exported`'s form)."""
     demos, seen = [], set()
     for r in records:
         if r["prompt_type"] == "cot" and r["correct"] and r["id"] not in seen:
             seen.add(r["id"])
             demos.append({"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]})
-    write_jsonl(dest, demos)
+    write_jsonl(dest, exported(demos, ("completion",), export_format))
     print(f"{len(demos)} demonstrations (one correct cot answer per question) -> {dest}")

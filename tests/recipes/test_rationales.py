@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from selfrefine.data import read_sft
 from selfrefine.errors import UserError
+from selfrefine.preference import load_demos
 from selfrefine.recipes.rationales import RationalesConfig, run
 from selfrefine.tasks import demonstration, get_task, render_prompt
 
@@ -27,6 +29,18 @@ def test_arith_gives_one_teacher_demonstration_per_question(tmp_path: Path):
         assert d["completion"] == demonstration(e, "math") and d["completion"].endswith(f"The answer is {e.gold}.")
     test = run(RationalesConfig(task="arith", size=SIZE, split="test", limit=SIZE - 1, demos_out=str(out)))
     assert [d["id"] for d in test] == [e.id for e in get_task("arith").load(split="test", size=SIZE)[:SIZE - 1]]
+
+
+def test_trl_export_reads_back_as_the_default_form(tmp_path: Path):
+    """--export-format trl: the prompt and the completion as one message each; SFT and the pair builder read the
+    file back as they read the default one."""
+    ours, trl = tmp_path / "ours.jsonl", tmp_path / "trl.jsonl"
+    demos = run(RationalesConfig(task="arith", size=SIZE, demos_out=str(ours)))
+    assert run(RationalesConfig(task="arith", size=SIZE, demos_out=str(trl), export_format="trl")) == demos
+    first = json.loads(trl.read_text().splitlines()[0])
+    assert first == {"id": demos[0]["id"], "prompt": [{"role": "user", "content": demos[0]["prompt"]}],
+                     "completion": [{"role": "assistant", "content": demos[0]["completion"]}]}
+    assert read_sft(trl) == read_sft(ours) and load_demos(trl) == load_demos(ours) == demos
 
 
 @pytest.mark.parametrize("task, data", [("piqa", FIXTURES / "piqa" / "valid.jsonl"),

@@ -117,6 +117,21 @@ def test_from_rationales_on_the_command_line(tmp_path: Path):
         sample.main(argv[:-2])
 
 
+def test_export_format_trl_writes_demonstrations_as_messages(tiny_dir: Path, tmp_path: Path):
+    """--export-format trl: demonstrations (--keep-correct, --from-rationales) as TRL's conversational records."""
+    records = [{"prompt_type": "cot", "correct": ok, "id": qid, "prompt": f"{qid}?", "completion": f"{qid}."}
+               for qid, ok in (("a", True), ("b", False))]
+    sample.write_demos(records, tmp_path / "kept.jsonl", "trl")
+    assert read(tmp_path / "kept.jsonl") == [{"id": "a", "prompt": [{"role": "user", "content": "a?"}],
+                                              "completion": [{"role": "assistant", "content": "a."}]}]
+    dest = tmp_path / "demos.jsonl"
+    demos = sample.main(["--from-rationales", "--task", "arith", "--size", str(SIZE), "--demos-out", str(dest),
+                         "--export-format", "trl"])
+    assert [r["completion"] for r in read(dest)] == [[{"role": "assistant", "content": d["completion"]}] for d in demos]
+    with pytest.raises(UserError, match="--export-format is the form of the demonstrations: it goes with --keep"):
+        SampleConfig(model=str(tiny_dir), task="arith", out="s.jsonl", export_format="trl")
+
+
 def test_flag_rules_of_sample_config(tiny_dir: Path):
     with pytest.raises(UserError, match="--demos-out goes with --keep-correct"):
         SampleConfig(model=str(tiny_dir), task="arith", out="s.jsonl", demos_out="d.jsonl")
