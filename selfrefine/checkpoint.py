@@ -23,6 +23,7 @@ from .rope import inverse_frequencies
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+MAX_SHARD_SIZE = 5 * 10**9  # bytes per safetensors file when saving (transformers' default "5GB")
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                 "generation_config.json")
 CONFIG_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -151,22 +152,34 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     return model.eval()
 
 
-def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None) -> None:
+def config_dtype(model_dir: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a model directory's config.json declares (`torch_dtype`, or newer transformers' `dtype`), if any:
+    what a model fine-tuned from it is saved in by default, so a bfloat16 base does not come back twice the size."""
+    hf = read_json(Path(model_dir) / "config.json")
+    name = hf.get("torch_dtype", hf.get("dtype")) if isinstance(hf, dict) else None
+    return resolve_dtype(name) if name is not None else None
+
+
+def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None,
+               dtype: torch.dtype | str | None = None, max_shard_size: int = MAX_SHARD_SIZE) -> None:
     """Write a directory that both `load_model` and `transformers.AutoModelForCausalLM` read.
 
+    Weights are cast to `dtype` (default: the model's own) and written as one model.safetensors, or, when
+    they exceed `max_shard_size` bytes, as Hugging Face shards with a model.safetensors.index.json.
     A new directory is written as a temporary sibling and renamed into place whole, so a crash leaves no
     half-written model under its name; into an existing directory each file is replaced atomically and
     config.json (what makes a directory a model) comes last. Tokenizer files (and generation_config.json)
     are copied from `tokenizer_from`, else a generation_config.json is made from the model's bos/eos/pad ids.
     """
     out_dir = Path(out_dir)
+    dtype = resolve_dtype(dtype) if dtype is not None else model.model.embed_tokens.weight.dtype
     if out_dir.exists():
-        _write_model_files(model, out_dir, tokenizer_from)
+        _write_model_files(model, out_dir, tokenizer_from, dtype, max_shard_size)
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        _write_model_files(model, tmp, tokenizer_from)
+        _write_model_files(model, tmp, tokenizer_from, dtype, max_shard_size)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would make the model unreadable to others
         os.replace(tmp, out_dir)
         fsync_dir(out_dir.parent)
@@ -175,15 +188,45 @@ def save_model(model: Transformer, out_dir: str | os.PathLike, tokenizer_from: s
         raise
 
 
-def _write_model_files(model: Transformer, out_dir: Path, tokenizer_from: str | os.PathLike | None) -> None:
+def _split_shards(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive groups of at most `max_shard_size` bytes (a larger tensor gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int) -> None:
+    """model.safetensors, or shards + index; then the files of the other layout, left by an earlier save, go."""
+    shards = _split_shards(tensors, max_shard_size)
+    names = [WEIGHTS] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                 for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        with atomic_write(out_dir / name, "wb") as f:
+            f.write(safetensors_bytes(shard, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(out_dir / INDEX, {"metadata": {"total_size": total},
+                                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}})
+    stale = [out_dir / INDEX] if len(shards) == 1 else [out_dir / WEIGHTS]
+    stale += [p for p in out_dir.glob("model-*-of-*.safetensors") if p.name not in names]
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def _write_model_files(model: Transformer, out_dir: Path, tokenizer_from: str | os.PathLike | None,
+                       dtype: torch.dtype, max_shard_size: int) -> None:
     cfg = model.config
-    dtype = model.model.embed_tokens.weight.dtype
     state = model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_write(out_dir / WEIGHTS, "wb") as f:
-        f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
+    _write_weights({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, out_dir, max_shard_size)
     copied = set()
     if tokenizer_from is not None:
         for name in COPIED_FILES:

@@ -137,6 +137,18 @@ def parse_override(item: str) -> tuple[str, str]:
     return key, value
 
 
+def help_text(f: Field) -> str:
+    """A flag's help with "(required)" or its default, so --help shows what a run gets without the flag. No default
+    is shown for a switch (off), a setting unset by default, or one whose help already says its default."""
+    m, default = f.metadata, f.default
+    if m["required"]:
+        return m["help"] + " (required)"
+    unset = default is None or default is False or default == "" or callable(f.default_factory)
+    if unset or "default:" in m["help"]:
+        return m["help"]
+    return f"{m['help']} (default: {default})"
+
+
 def parser(cls: type[Settings], prog: str, description: str | None,
            formatter_class: type = argparse.HelpFormatter) -> Parser:
     """The command line of `cls`: a flag per field (defaults left out of the namespace, so the flags given can be
@@ -147,15 +159,12 @@ def parser(cls: type[Settings], prog: str, description: str | None,
     for f in fields(cls):
         m = f.metadata
         where = p if m["group"] is None else groups.setdefault(m["group"], p.add_argument_group(m["group"]))
-        shown = f.default if not callable(f.default_factory) else None
-        text = m["help"] + (" (required)" if m["required"] else
-                            f" (default: {shown})" if shown not in (None, False, "") else "")
+        text = help_text(f).replace("%", "%%")  # argparse reads % as a format
         if isinstance(f.default, bool):
             where.add_argument(flag_name(f.name), action="store_true", help=text)
             continue
         where.add_argument(flag_name(f.name), type=m["parse"], choices=m["choices"], nargs=m["nargs"],
-                           action="append" if m["repeat"] else "store", metavar=m["metavar"],
-                           help=text.replace("%", "%%"))
+                           action="append" if m["repeat"] else "store", metavar=m["metavar"], help=text)
     p.add_argument("--config", help="JSON object of these settings (names as the flags, with _); "
                                     "the flags and key=value override it")
     p.add_argument("overrides", nargs="*", metavar="key=value", default=[],

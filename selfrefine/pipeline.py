@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from . import seeds
-from .data import record_messages
+from .data import read_sft
 from .errors import cli_main, fail
-from .files import read_json, read_jsonl, write_json
+from .files import read_json, write_json
 from .fingerprint import model_digest, path_digest
 from .flags import Parser, seed_list
 from .paths import check_outputs
@@ -197,8 +197,7 @@ def resumed_sampling(cfg: sample.SampleConfig) -> sample.SampleConfig:
 def check_budgets(tok: Tokenizer, demos: Path, budgets: dict[str, int]) -> None:
     """Print the demonstrations' length in tokens; warn where a sampling or eval budget is below its p99
     (samples cut at the budget are unfinished: never chosen in a pair, never a correct answer)."""
-    lengths = [len(tok.encode_prompt_completion(record_messages(r["prompt"], demos, line, "prompt"),
-                                                r["completion"])[1]) for line, r in read_jsonl(demos)]
+    lengths = [len(tok.encode_prompt_completion(prompt, completion)[1]) for _, prompt, completion in read_sft(demos)]
     p50, p99 = (float(np.percentile(lengths, q)) for q in (50, 99))
     print(f"demonstrations: {len(lengths)}, answer tokens p50 {p50:.0f}, p99 {p99:.0f}, max {max(lengths)}")
     for name, budget in budgets.items():
@@ -245,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shipped = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.json")))
     p.add_argument("--config", default=str(DEFAULT_CONFIG), type=config_path,
                    help=f"a config file, or the name of a shipped one: {shipped} (default: demo)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo",
+                   help="run folder: every stage's outputs and report.json (default: runs/demo)")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--seeds", type=seed_list, help="comma-separated seeds (e.g. 0,1,2): each runs into OUT/seedS, "
                    "then OUT/report.json gives every cell's mean and spread and the paired tests pooled over seeds")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from . import distributed
-from .errors import UserError
+from .errors import UserError, fail
 from .files import append_jsonl, atomic_write, drop_torn_tail, write_jsonl
 from .progress import progress_bar
 from .schedule import MicroBatchOrder, cosine_lr, total_steps
@@ -30,6 +30,8 @@ StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 BEST = "best.pt"  # the trainable weights with the lowest validation loss so far
+TENSORBOARD = "tensorboard"  # the event files of report_to="tensorboard"
+REPORT_TO = ("none", TENSORBOARD)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast where native (`bf16_native`), else float16 + scaler on GPUs; float32
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    report_to: str = "none"  # "tensorboard": the metrics also as TensorBoard scalars in OUT/tensorboard/
 
     def __post_init__(self) -> None:
         """The command-line flags are checked when parsed (`selfrefine.flags`); this guards library callers."""
@@ -59,6 +62,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not ok or isinstance(value, bool) or not math.isfinite(value):
                 raise UserError(f"training setting {name} = {value!r} is out of range or not finite")
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"training setting report_to = {self.report_to!r}: must be one of {', '.join(REPORT_TO)}")
+        if self.report_to == TENSORBOARD:
+            summary_writer()  # a missing package is refused with the config, not once training has started
 
 
 class Interrupted(Exception):
@@ -178,6 +185,44 @@ def _trim_metrics(out_dir: Path, step: int) -> None:
         write_jsonl(path, [r for r in lines if r.get("step", 0) <= step])
 
 
+def summary_writer() -> type:
+    """torch's TensorBoard `SummaryWriter`; the tensorboard package it needs is optional (the `tracking` extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("--report-to tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter
+
+
+class MetricsLog:
+    """Where the metrics records go: each is a line of OUT/metrics.jsonl and, with report_to "tensorboard", one
+    scalar per key against its step in OUT/tensorboard/, for TensorBoard's curves. Only rank 0 writes. A run resumed
+    from step `start` purges the events logged after it, as `_trim_metrics` drops those lines."""
+
+    def __init__(self, out_dir: Path, report_to: str = "none", start: int = 0) -> None:
+        self.path = out_dir / METRICS
+        self.board = None
+        if report_to == TENSORBOARD and distributed.is_main():
+            self.board = summary_writer()(str(out_dir / TENSORBOARD), purge_step=start + 1)
+
+    def __call__(self, record: dict[str, float]) -> None:
+        if not distributed.is_main():
+            return
+        append_jsonl(self.path, record)
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step":
+                    self.board.add_scalar(name, value, record["step"])
+            self.board.flush()  # as the jsonl line: the curves stay current, and a kill loses at most this record
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
 def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any], step_fn: StepFn,
           cfg: TrainConfig, out_dir: Path, device: torch.device, resume: bool = False,
           desc: str = "train", loss_weight: Callable[[Any], float] | None = None,
@@ -215,8 +260,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
         model.gradient_checkpointing = cfg.gradient_checkpointing
     last: dict[str, float] = {}
     t_start = time.perf_counter()
-    with _StopFlag() as stop, progress_bar(total=total, initial=start, desc=desc, dynamic_ncols=True,
-                                           enabled=distributed.is_main()) as bar:  # closed on every way out
+    with _StopFlag() as stop, MetricsLog(out_dir, cfg.report_to, start) as log, progress_bar(
+            total=total, initial=start, desc=desc, dynamic_ncols=True, enabled=distributed.is_main()) as bar:
         for step in range(start, total):
             t0 = time.perf_counter()
             lr = cosine_lr(step, cfg.lr, cfg.warmup, total)
@@ -252,13 +297,12 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             dt = time.perf_counter() - t0
             last = {"step": step + 1, **sums, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
                     "tokens_per_s": n_tokens / dt, "elapsed_s": time.perf_counter() - t_start}
-            if distributed.is_main():
-                append_jsonl(out_dir / METRICS, last)
+            log(last)
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             done = step + 1 == total
             if validate is not None and (done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                last["val_loss"], best = _validate(model, engine, validate, amp, out_dir, step + 1, best)
+                last["val_loss"], best = _validate(model, engine, validate, amp, out_dir, step + 1, best, log)
             if done or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 save_checkpoint(out_dir, model, optimizer, step + 1, scaler)
             if stopping and not done:
@@ -291,7 +335,7 @@ def _lowest_val_loss(out_dir: Path) -> float | None:
 
 def _validate(model: torch.nn.Module, engine: torch.nn.Module, validate: Callable[[torch.nn.Module], float],
               amp: contextlib.AbstractContextManager, out_dir: Path, step: int,
-              best: float | None) -> tuple[float, float | None]:
+              best: float | None, log: MetricsLog) -> tuple[float, float | None]:
     """(the held-out loss after `step`, the lowest so far), logged; the trainable weights kept in BEST when it is
     the lowest. The loss is averaged over ranks, so every rank takes the same decision (and joins the gather)."""
     engine.eval()
@@ -305,7 +349,7 @@ def _validate(model: torch.nn.Module, engine: torch.nn.Module, validate: Callabl
         if improved:
             with atomic_write(out_dir / BEST, "wb") as f:
                 torch.save({"step": step, "val_loss": val, "trainable": trainable}, f)
-        append_jsonl(out_dir / METRICS, {"step": step, "val_loss": val})
+        log({"step": step, "val_loss": val})
     distributed.barrier()
     return val, val if improved else best
 

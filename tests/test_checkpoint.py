@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfrefine.checkpoint import load_config, load_model, save_model
+from selfrefine.checkpoint import config_dtype, load_config, load_model, save_model
 from selfrefine.errors import UserError
 from tests.helpers import make_tiny_model_dir
 from tests.test_model import IDS, LLAMA3_ROPE, TINY, hf_dir, hf_logits, hf_model  # noqa: F401 (hf_dir: a fixture)
@@ -54,6 +54,51 @@ def test_saved_dtype_is_recorded(hf_dir, tmp_path):
     save_model(load_model(hf_dir[1], dtype="bfloat16"), tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert load_file(tmp_path / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_sharded_save_loads_in_ours_and_transformers(untied_dir, tmp_path):
+    """Above `max_shard_size` the weights go to Hugging Face shards + index; both loaders read them back exactly."""
+    model = load_model(untied_dir)
+    save_model(model, tmp_path / "out", max_shard_size=40_000)
+    out = tmp_path / "out"
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = {k: v for name in shards for k, v in load_file(out / name).items()}
+    assert set(index["weight_map"].values()) == set(shards) and set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    back = load_model(out)
+    for (name, p), q in zip(back.named_parameters(), model.parameters()):
+        assert torch.equal(p, q), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert all(torch.equal(hf.state_dict()[k], v) for k, v in tensors.items())
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(hf), back(IDS), atol=1e-5, rtol=0)
+
+
+def test_resave_switches_layout_without_stale_files(untied_dir, tmp_path):
+    """Saving into an existing directory in the other layout removes the old one (a left-over model.safetensors
+    would shadow the new shards)."""
+    model = load_model(untied_dir)
+    save_model(model, tmp_path, max_shard_size=40_000)
+    save_model(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    save_model(model, tmp_path, max_shard_size=40_000)
+    assert "model.safetensors" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_save_dtype_is_written_and_recorded(untied_dir, tmp_path):
+    save_model(load_model(untied_dir), tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
+    assert config_dtype(tmp_path) == torch.bfloat16
+
+
+def test_config_dtype_reads_either_key_or_none(tmp_path):
+    for hf, want in [({"torch_dtype": "float16"}, torch.float16), ({"dtype": "bfloat16"}, torch.bfloat16), ({}, None)]:
+        (tmp_path / "config.json").write_text(json.dumps(hf))
+        assert config_dtype(tmp_path) == want
 
 
 def test_save_copies_tokenizer_files(hf_dir, tmp_path):

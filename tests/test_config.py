@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pytest
 
-from selfrefine.config import Settings, UsageError, checked_values, from_mapping, parse, parser, setting
+from selfrefine.config import Settings, UsageError, checked_values, flag_name, from_mapping, parse, parser, setting
 from selfrefine.errors import UserError
 from selfrefine.flags import positive_float, positive_int
+from selfrefine.recipes.dpo import DPOConfig
+from selfrefine.recipes.eval import EvalConfig
+from selfrefine.recipes.sample import SampleConfig
+from selfrefine.recipes.sft import SFTConfig
 
 
 @dataclass
@@ -35,6 +40,19 @@ def test_flags_are_generated_from_the_fields_with_help_and_defaults():
     for flag in ("--name", "--lr", "--steps", "--mode", "--fast", "--tag", "--pair", "--config", "key=value"):
         assert flag in text
     assert "a rate (default: 0.001)" in text and "{a,b}" in text
+    assert "a required name (required)" in text and "a switch\n" in text and "repeatable\n" in text
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, DPOConfig, SampleConfig, EvalConfig])
+def test_every_recipe_flag_is_listed_with_help_and_its_default(cls):
+    """No flag hidden or unexplained in --help, and every default a run gets (0 included) shown."""
+    actions = parser(cls, "recipe.py", None)._actions
+    assert all(a.help and a.help.strip() and a.help != argparse.SUPPRESS for a in actions)  # --config, key=value too
+    helps = {a.dest: a.help for a in actions}
+    for f in fields(cls):
+        assert f.name in helps, f"{flag_name(f.name)} has no flag"
+        if type(f.default) in (int, float) or (type(f.default) is str and f.default):
+            assert "default: " in helps[f.name], f"{flag_name(f.name)} does not show its default"
 
 
 def test_precedence_defaults_config_flags_overrides(tmp_path: Path):

@@ -48,7 +48,7 @@ def test_refuses_a_folder_holding_another_run_or_other_files(tmp_path: Path) -> 
 
 def test_resume_with_another_config_is_refused_unless_allowed(tmp_path: Path) -> None:
     out, _ = start_run(tmp_path, CONFIG, resume=False)
-    start_run(out, {**CONFIG, "save_every": 99}, resume=True)  # how to run, not what: fine
+    start_run(out, {**CONFIG, "save_every": 99, "report_to": "tensorboard"}, resume=True)  # how to run, not what
     e = refused(out, {**CONFIG, "lr": 2e-4}, resume=True, says=r"different config \(lr: 0.0001 -> 0.0002\)")
     assert e.file == str(out / RUN_FILE)
     _, commit = start_run(out, {**CONFIG, "lr": 2e-4}, resume=True, allow_config_change=True)

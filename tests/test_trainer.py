@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from selfrefine.errors import UserError
 from selfrefine.files import atomic_write
+from selfrefine import trainer
 from selfrefine.trainer import CHECKPOINT, Interrupted, TrainConfig, TrainingDiverged, load_checkpoint, train
 
 
@@ -310,3 +312,60 @@ def test_validation_every_n_steps_keeps_the_lowest_and_resumes_with_it(tmp_path:
     model, *_ = toy_problem()
     again = train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"), resume=True, validate=validate)
     assert again["best_step"] == 6 and all(torch.equal(a, b) for a, b in zip(seen[1], model.parameters()))
+
+
+class FakeWriter:
+    """Stands in for TensorBoard's SummaryWriter: records what the trainer writes."""
+
+    def __init__(self, log_dir: str, purge_step: int) -> None:
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        FakeWriter.made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_report_to_tensorboard_writes_every_metric_against_its_step(tmp_path: Path, monkeypatch):
+    """Every key of every metrics.jsonl line (val_loss included) becomes a scalar at that line's step; a resume
+    purges the events past its checkpoint, as it drops those lines."""
+    monkeypatch.setattr(trainer, "summary_writer", lambda: FakeWriter)
+    FakeWriter.made = []
+    model, data, collate, step = toy_problem()
+    cfg = TrainConfig(**{**CFG.__dict__, "max_steps": 2, "report_to": "tensorboard"})
+    train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"), validate=lambda m: 0.5)
+    (board,) = FakeWriter.made
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert board.scalars == [(k, v, r["step"]) for r in lines for k, v in r.items() if k != "step"]
+    assert ("val_loss", 0.5, 2) in board.scalars and {"loss", "lr", "grad_norm"} <= {t for t, _, _ in board.scalars}
+    assert board.log_dir == str(tmp_path / "tensorboard") and board.purge_step == 1 and board.closed
+    model, *_ = toy_problem()
+    train(model, data, collate, step, TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path,
+          torch.device("cpu"), resume=True)
+    assert FakeWriter.made[1].purge_step == 3 and {s for _, _, s in FakeWriter.made[1].scalars} == {3}
+
+
+def test_report_to_tensorboard_writes_an_events_file(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    model, data, collate, step = toy_problem()
+    cfg = TrainConfig(**{**CFG.__dict__, "max_steps": 2, "report_to": "tensorboard"})
+    train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"), validate=lambda m: 0.5)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2] and events.Scalars("val_loss")[0].value == 0.5
+
+
+def test_report_to_tensorboard_without_the_package_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails as without tensorboard
+    with pytest.raises(UserError, match="--report-to tensorboard needs the tensorboard package: pip install"):
+        TrainConfig(report_to="tensorboard")
+    with pytest.raises(UserError, match="report_to = 'wandb': must be one of none, tensorboard"):
+        TrainConfig(report_to="wandb")
+    assert TrainConfig(report_to="none").report_to == "none"

@@ -10,7 +10,7 @@ import torch
 
 from .. import distributed
 from ..answers import Question, load_questions
-from ..checkpoint import load_model, save_model
+from ..checkpoint import config_dtype, load_model, save_model
 from ..config import Settings, setting
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
@@ -93,15 +93,20 @@ class TrainingOptions(ModelOptions):
     fsdp: bool = setting(False, "with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) "
                          "instead of DDP", group=TRAINING)
     merge: bool = setting(False, "also write OUT/merged/, a full model directory", group=TRAINING)
+    save_dtype: str = setting("auto", "dtype of OUT/merged/; auto = the base model's (its config.json torch_dtype)",
+                              choices=["auto", *WEIGHT_DTYPES], group=TRAINING)
     val_fraction: float = setting(0.0, "held-out share of the data: its loss every --eval-every steps and after the "
                                   "last; the weights with the lowest are kept", parse=fraction, group=TRAINING)
     eval_every: int = setting(0, "validation every N steps (0: after the last only)", parse=nonneg_int, group=TRAINING)
     resume: bool = setting(False, "continue from OUT/checkpoint.pt", group=TRAINING)
     allow_config_change: bool = setting(False, "resume even if the settings differ", group=TRAINING)
+    report_to: str = setting("none", "tensorboard: also write the metrics as TensorBoard scalars to OUT/tensorboard/ "
+                             "(needs the tensorboard package)", choices=["none", "tensorboard"], group=TRAINING)
 
     def check(self) -> None:
         if self.fsdp and not self.full:
             fail("--fsdp shards full fine-tuning; LoRA's few trainable weights need only DDP (drop --fsdp)")
+        self.train_config()  # its own checks too, before anything loads (--report-to tensorboard: the package)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
@@ -179,8 +184,10 @@ def make_trainable(model: torch.nn.Module, lora: LoRAConfig | None, seed: int) -
         fail(f"--lora-targets {','.join(lora.targets)!r} matched no linear layer of the model")
 
 
-def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, base: str, out: Path) -> None:
-    """OUT/adapter/ for LoRA; OUT/merged/ (a full model directory) with --merge or after full fine-tuning.
+def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, base: str, out: Path,
+                 save_dtype: str = "auto") -> None:
+    """OUT/adapter/ for LoRA; OUT/merged/ (a full model directory) with --merge or after full fine-tuning, in
+    `save_dtype` ("auto": the base's config.json dtype, else the training dtype).
 
     Under torchrun rank 0 writes them (after FSDP, from the gathered full weights)."""
     model = distributed.gathered_model(model)
@@ -189,7 +196,8 @@ def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, b
         print(f"adapter -> {out / 'adapter'}")
     if model is not None and (lora is None or merge):
         merged = merge_and_unload(model) if lora is not None else model
-        save_model(merged, out / "merged", tokenizer_from=base)
+        dtype = config_dtype(base) if save_dtype == "auto" else save_dtype
+        save_model(merged, out / "merged", tokenizer_from=base, dtype=dtype)
         if lora is not None:
             record_merge(out / "merged", base, out / "adapter")
         print(f"merged model -> {out / 'merged'}")

@@ -14,7 +14,7 @@ import torch
 from .. import distributed
 from ..checkpoint import load_config
 from ..config import parse, setting
-from ..data import TokenizedPair, collate_pairs, encode_pair, record_messages
+from ..data import EXPORT_FORMATS, TokenizedPair, collate_pairs, encode_pair, exported, record_messages
 from ..errors import fail
 from ..files import read_jsonl, write_jsonl
 from ..fingerprint import code_version, digest, model_digest
@@ -39,7 +39,8 @@ LOSS = "DPO"
 
 @dataclass
 class DPOConfig(TrainingOptions):
-    pairs: str | None = setting(None, 'JSONL of {"prompt", "chosen", "rejected"} records', group=PAIRS)
+    pairs: str | None = setting(None, 'JSONL of {"prompt", "chosen", "rejected"} records (or TRL\'s conversational '
+                                'forms)', group=PAIRS)
     samples: str | None = setting(None, "sample.py output on the training questions (cot and direct)", group=PAIRS)
     demos: str | None = setting(None, "teacher demonstrations {id, prompt, completion}, chosen where the student "
                                 "has none", group=PAIRS)
@@ -48,6 +49,9 @@ class DPOConfig(TrainingOptions):
     keep_truncated: bool = setting(False, "reject samples cut at the token limit (encoded without an end-of-turn "
                                    "token) instead of dropping them; they are never chosen", group=PAIRS)
     task: str | None = setting(None, "refuse a samples file of another task", group=PAIRS)
+    export_format: str = setting("default", "form of the pairs built from --samples (OUT/pairs.jsonl): ours, or TRL's "
+                                 "conversational one (prompt and answers as chat messages)", choices=EXPORT_FORMATS,
+                                 group=PAIRS)
     beta: float = setting(0.1, "strength of the pull towards the reference (> 0)", parse=positive_float, group=LOSS)
     loss: str = setting("sigmoid", "DPO's logistic loss, IPO's squared loss or the hinge",
                         choices=["sigmoid", "ipo", "hinge"], group=LOSS)
@@ -71,6 +75,8 @@ class DPOConfig(TrainingOptions):
             fail("--lora-dropout must be 0 for DPO: policy and reference must score with the same network")
         if not self.pairs and not self.samples:
             fail("give --pairs, or --samples (and --demos) to build them")
+        if self.pairs and self.export_format != "default":
+            fail("--export-format is the form of the pairs built from --samples; --pairs are read, not written")
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,7 @@ def run(cfg: DPOConfig) -> dict:
                           inputs={"model": cfg.model, "adapter": cfg.adapter, "pairs": cfg.pairs,
                                   "samples": cfg.samples, "demos": cfg.demos})
     if built is not None:
-        write_jsonl(out_dir / "pairs.jsonl", built)
+        write_jsonl(out_dir / "pairs.jsonl", exported(built, ("chosen", "rejected"), cfg.export_format))
     step = DPOStep(Objective.of(cfg), reference)
     if cfg.precompute_ref:
         key = reference_key(cfg, [r for _, r in records], device)
@@ -258,5 +264,5 @@ def run(cfg: DPOConfig) -> dict:
     validate = (lambda m: held_out_loss(m, val, collate, step, cfg.batch_size)) if val else None
     last = run_training(train, model, train_pairs, collate, step, cfg.train_config(), out_dir, device,
                         resume=cfg.resume, desc="dpo", on_start=commit, validate=validate)
-    save_outputs(model, lora, cfg.merge, cfg.model, out_dir)
+    save_outputs(model, lora, cfg.merge, cfg.model, out_dir, cfg.save_dtype)
     return last

@@ -21,8 +21,10 @@ from ..errors import fail
 from ..files import read_jsonl, remove_stale_temps, write_json, write_jsonl
 from ..flags import nonneg_int, positive_int
 from ..paths import check_outputs
+from ..runs import git_commit, versions
 from ..sampling import SamplingParams
 from ..tasks import get_task, wilson_interval
+from ..tasks.prompts import TEMPLATES, instruction
 from ..tasks.stats import PairedComparison, paired_comparison
 from .common import ModelOptions, load
 
@@ -83,6 +85,19 @@ class EvalConfig(ModelOptions):
         return out.with_name(f"{out.stem}.{task}.predictions.jsonl")
 
 
+def protocol(model, tok, cfg: EvalConfig, kind: str | None) -> dict:
+    """Everything that decides the numbers besides the data, so a report can be reproduced or compared fairly.
+    A raw task's prompts are sent as written: no template, no instruction."""
+    return {"prompt_type": cfg.prompt, "template": TEMPLATES[kind] if kind else "{prompt}",
+            "instruction": instruction(kind, cfg.prompt) if kind else None,
+            "chat_format": tok.chat_format, "system_prompt": tok.system_prompt,
+            "decoding": "greedy", "max_new_tokens": cfg.max_new_tokens,
+            "stop_tokens": [tok.decode([i], skip_special=False) for i in tok.stop_ids],
+            "model": cfg.model, "adapter": cfg.adapter,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "versions": versions(), "git_commit": git_commit()}
+
+
 def evaluate(model, tok, cfg: EvalConfig, task: str, path: str | None, loaded) -> dict:
     """One task's report; its predictions are written beside OUT."""
     questions, kind = loaded
@@ -100,7 +115,8 @@ def evaluate(model, tok, cfg: EvalConfig, task: str, path: str | None, loaded) -
             "no_answer_rate": sum(not p["answer_found"] for p in preds) / n,
             "truncation_rate": sum(p["finish_reason"] == "length" for p in preds) / n,
             "max_new_tokens": cfg.max_new_tokens,
-            "model": cfg.model, "adapter": cfg.adapter, "predictions": str(pred_path)}
+            "model": cfg.model, "adapter": cfg.adapter, "predictions": str(pred_path),
+            "protocol": protocol(model, tok, cfg, kind)}
 
 
 def table(reports: list[dict]) -> str:

@@ -19,7 +19,8 @@ from .common import (TrainingOptions, hold_out, load, make_trainable, refuse_pas
 
 @dataclass
 class SFTConfig(TrainingOptions):
-    data: str | None = setting(None, 'JSONL of {"prompt", "completion"} or {"messages": [...]} records',
+    data: str | None = setting(None, 'JSONL of {"prompt", "completion"} (strings, or TRL\'s message lists) or '
+                               '{"messages": [...]} records',
                                required=True, group="data")
 
 
@@ -62,5 +63,5 @@ def run(cfg: SFTConfig) -> dict:
     last = run_training(train, model, train_set, collate, sft_step, cfg.train_config(), out, device,
                         resume=cfg.resume, desc="sft", loss_weight=completion_tokens, on_start=commit,
                         validate=validate)
-    save_outputs(model, lora, cfg.merge, cfg.model, out)
+    save_outputs(model, lora, cfg.merge, cfg.model, out, cfg.save_dtype)
     return last

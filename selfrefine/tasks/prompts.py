@@ -27,17 +27,25 @@ def format_options(choices: tuple[str, ...]) -> str:
     return "\n".join(f"({letter}) {text}" for letter, text in zip(string.ascii_uppercase, choices))
 
 
-def render_prompt(example: Example, kind: str, prompt_type: str) -> str:
-    """The user-turn text: the question, its lettered options (choice tasks), then the instruction."""
+# The user turn, by task kind; a choice question without separate options is laid out as a math one.
+TEMPLATES = {"math": "{question}\n{instruction}", "choice": "{question}\n{options}\n{instruction}"}
+
+
+def instruction(kind: str, prompt_type: str) -> str:
+    """The sentence closing the user turn: how to answer ("cot": reason, then the answer sentence; "direct")."""
     if kind not in _COT:
         raise ValueError(f"unknown task kind {kind!r} (expected 'math' or 'choice')")
     if prompt_type not in ("cot", "direct"):
         raise ValueError(f"unknown prompt type {prompt_type!r} (expected 'cot' or 'direct')")
-    parts = [example.question]
-    if kind == "choice" and example.choices:
-        parts.append(format_options(example.choices))
-    parts.append((_COT if prompt_type == "cot" else _DIRECT)[kind])
-    return "\n".join(parts)
+    return (_COT if prompt_type == "cot" else _DIRECT)[kind]
+
+
+def render_prompt(example: Example, kind: str, prompt_type: str) -> str:
+    """The user-turn text: the question, its lettered options (choice tasks), then the instruction."""
+    text = instruction(kind, prompt_type)
+    template = TEMPLATES["choice" if kind == "choice" and example.choices else "math"]
+    return template.format(question=example.question, options=format_options(example.choices or ()),
+                           instruction=text)
 
 
 def answer_sentence(gold: str, kind: str) -> str:

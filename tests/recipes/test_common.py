@@ -1,18 +1,21 @@
 """recipes/common.py: device and dtype choice, the LoRA settings of TrainingOptions and its fsdp rule, what
-make_trainable leaves trainable, refuse_past_context, and load's tokenizer/vocabulary check."""
+make_trainable leaves trainable, refuse_past_context, load's tokenizer/vocabulary check, and save_outputs' dtype."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from selfrefine.checkpoint import config_dtype, load_model, save_model
+
 from selfrefine.errors import UserError
 from selfrefine.lora import LoRAConfig
 from selfrefine.model import Transformer
 from selfrefine.recipes.common import (WEIGHT_DTYPES, ModelOptions, TrainingOptions, load, make_trainable,
-                                       pick_device, pick_dtype, refuse_past_context)
+                                       pick_device, pick_dtype, refuse_past_context, save_outputs)
 from tests.helpers import make_tiny_model_dir, tiny_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -52,6 +55,13 @@ def test_fsdp_only_with_full_fine_tuning():
     with pytest.raises(UserError, match="drop --fsdp"):
         training(fsdp=True)
     assert training(fsdp=True, full=True).fsdp
+
+
+def test_report_to_tensorboard_without_the_package_fails_before_anything_loads(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails as without tensorboard
+    with pytest.raises(UserError, match="--report-to tensorboard needs the tensorboard package"):
+        training(report_to="tensorboard")
+    assert training().train_config().report_to == "none"
 
 
 def test_make_trainable_lora_adapters_only_or_everything():
@@ -94,3 +104,13 @@ def test_load_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path: Path):
                                         f"{vocab}: they belong to different models") as e:
         load(ModelOptions(model=str(small), device="cpu"))
     assert e.value.file == str(small / "tokenizer.json")
+
+
+@pytest.mark.parametrize("save_dtype, want", [("auto", torch.bfloat16), ("float16", torch.float16)])
+def test_save_outputs_keeps_the_base_dtype_by_default(tmp_path: Path, save_dtype: str, want: torch.dtype):
+    """A float32-trained model of a bfloat16 base is saved as bfloat16 unless --save-dtype says otherwise."""
+    base = tmp_path / "base"
+    save_model(load_model(make_tiny_model_dir(tmp_path / "tiny")), base, dtype="bfloat16")
+    save_outputs(load_model(base, torch.float32), None, False, str(base), tmp_path / "run", save_dtype)
+    assert config_dtype(tmp_path / "run" / "merged") == want
+    assert {p.dtype for p in load_model(tmp_path / "run" / "merged", want).parameters()} == {want}

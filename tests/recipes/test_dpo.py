@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from selfrefine.checkpoint import load_model
-from selfrefine.data import IGNORE, collate_pairs, fit_pair
+from selfrefine.data import IGNORE, collate_pairs, exported, fit_pair
 from selfrefine.errors import UserError
 from selfrefine.lora import LoRAConfig, inject_lora
 from selfrefine.preference import load_pairs
@@ -110,6 +110,55 @@ def test_bad_pairs(tiny_dir: Path, tmp_path: Path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(UserError, match="--lora-dropout must be 0"):
         dpo.main(["--model", str(tiny_dir), "--pairs", str(bad), "--out", str(tmp_path / "o"), "--lora-dropout", "0.1"])
+
+
+# ---- TRL's conversational forms ------------------------------------------------------------------------------
+
+def turn(role: str, content: str) -> list[dict]:
+    return [{"role": role, "content": content}]
+
+
+def test_trl_conversational_pairs_encode_as_ours_and_train(tiny_dir: Path, pairs: Path, tmp_path: Path):
+    """A pairs file in TRL's conversational forms (explicit prompt; implicit prompt) gives the same token ids as ours,
+    and trains."""
+    rows = [rec for _, rec in load_pairs(pairs)[0]]
+    explicit = write_jsonl(tmp_path / "explicit.jsonl", exported(rows, ("chosen", "rejected"), "trl"))
+    implicit = write_jsonl(tmp_path / "implicit.jsonl", [
+        {"chosen": turn("user", r["prompt"]) + turn("assistant", r["chosen"]),
+         "rejected": turn("user", r["prompt"]) + turn("assistant", r["rejected"])} for r in rows])
+    ours = encoded(tiny_dir, pairs)[1]
+    assert encoded(tiny_dir, explicit)[1] == ours and encoded(tiny_dir, implicit)[1] == ours
+    out = tmp_path / "run"
+    dpo.main(["--model", str(tiny_dir), "--pairs", str(implicit), "--out", str(out), "--max-steps", "2",
+              "--batch-size", "3", "--lora-r", "4"])
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2] and m[0]["rewards/margin"] == 0.0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def sample_records(n: int) -> list[dict]:
+    """Graded samples of `n` questions: a correct and a wrong CoT answer each, so the paper strategy pairs them."""
+    return [{"task": "arith", "id": f"q{i}", "sample": j, "prompt_type": "cot", "prompt": f"What is {i} plus 1?",
+             "completion": f"{i} + 1 = {i + 1 + j}. The answer is {i + 1 + j}.", "finish_reason": "stop",
+             "pred": str(i + 1 + j), "gold": str(i + 1), "correct": j == 0} for i in range(n) for j in (0, 1)]
+
+
+def test_built_pairs_exported_for_trl_read_back_identically(tiny_dir: Path, tmp_path: Path):
+    """--export-format trl writes OUT/pairs.jsonl as chat messages; read back, the same encoded pairs as built."""
+    samples = write_jsonl(tmp_path / "samples.jsonl", sample_records(3))
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_dir), "--samples", str(samples), "--out", str(out), "--max-steps", "1",
+            "--batch-size", "2", "--export-format", "trl"]
+    dpo.main(argv)
+    written = [json.loads(l) for l in (out / "pairs.jsonl").read_text().splitlines()]
+    assert written[0]["prompt"] == turn("user", "What is 0 plus 1?")
+    assert written[0]["chosen"] == turn("assistant", "0 + 1 = 1. The answer is 1.")
+    built = dpo.build_pairs_from_samples(dpo.DPOConfig(model=str(tiny_dir), samples=str(samples), out="o"))
+    tok = Tokenizer.from_dir(tiny_dir)
+    back, _ = load_pairs(out / "pairs.jsonl")
+    assert dpo.encode_pairs(tok, back, 128, "p") == dpo.encode_pairs(tok, [(None, r) for r in built], 128, "p")
+    with pytest.raises(UserError, match="--export-format is the form of the pairs built from --samples"):
+        dpo.DPOConfig(model="m", out="o", pairs="p.jsonl", export_format="trl")
 
 
 # ---- pairs longer than --max-len ---------------------------------------------------------------------------

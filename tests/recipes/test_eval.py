@@ -22,7 +22,7 @@ from .conftest import write_jsonl
 
 RECORD_FIELDS = {"task", "id", "prompt", "completion", "finish_reason", "pred", "answer_found", "gold", "correct"}
 REPORT_FIELDS = {"task", "n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate", "max_new_tokens",
-                 "predictions"}
+                 "predictions", "protocol"}
 
 
 def predictions(report: dict) -> list[dict]:
@@ -53,6 +53,19 @@ def test_report_fields_and_rates_on_tiny_model(tiny_dir: Path, tmp_path: Path, c
     printed = capsys.readouterr().out
     assert "| task | n | accuracy | 95% CI | no answer | truncated | max new tokens |" in printed
     assert printed.count("| 6 |") == 2
+
+
+def test_report_protocol_names_prompt_decoding_model_and_versions(tiny_dir: Path, tmp_path: Path):
+    """The protocol reproduces each prompt exactly: template + instruction render the prediction's prompt."""
+    report = run_eval(tiny_dir, tmp_path / "r.json", "--prompt", "direct", "--max-new-tokens", "3", "--dtype", "float32")
+    p = report["protocol"]
+    assert (p["prompt_type"], p["decoding"], p["max_new_tokens"], p["model"], p["adapter"], p["dtype"]) == (
+        "direct", "greedy", 3, str(tiny_dir), None, "float32")
+    assert p["chat_format"] == "template" and p["stop_tokens"] == ["<|im_end|>"] and {"python", "torch"} <= set(p["versions"])
+    example = get_task("arith").load(split="test", size=4)[0]
+    assert predictions(report)[0]["prompt"] == p["template"].format(question=example.question,
+                                                                    instruction=p["instruction"])
+    assert json.loads((tmp_path / "r.json").read_text())["protocol"] == p
 
 
 def test_one_new_token_truncates_and_a_truncated_completion_is_wrong(tiny_dir: Path, tmp_path: Path):
