@@ -37,8 +37,8 @@ from bench.workloads import WORKLOADS
 from selfrefine.checkpoint import load_model, save_model
 from selfrefine.files import write_json
 from selfrefine.model import ModelConfig
+from selfrefine.recipes.common import pick_dtype
 from selfrefine.sampling import SamplingParams, generate
-from selfrefine.trainer import bf16_native
 
 RATIO_BATCH = 8
 
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
     args.workloads = args.workloads or (["micro"] if args.quick else ["micro", *WORKLOADS])
     args.device = torch.device(args.device)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if bf16_native(args.device) else "float32"
+    if args.dtype == "auto":  # the recipes' own choice for inference
+        args.dtype = str(pick_dtype("auto", args.device, training=False)).removeprefix("torch.")
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
     args.repeats = args.repeats or (1 if args.quick else 2)
     if args.threads:

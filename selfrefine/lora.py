@@ -318,6 +318,6 @@ def refuse_merged_twice(model_dir: str | os.PathLike, adapter_dir: str | os.Path
     """An adapter applied on a model that already has it merged would count twice, silently: refuse."""
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     merged = {m["adapter_weights_digest"]: m for m in _merges(model_dir)}
-    if weights.is_file() and (m := merged.get(file_digest(weights))):
+    if merged and weights.is_file() and (m := merged.get(file_digest(weights))):  # hash only if there is a record
         fail(f"this adapter is already merged into {model_dir} (from {m['adapter']}, recorded in {MERGES}): "
              "applying it again would count it twice", adapter_dir)

@@ -17,7 +17,7 @@ from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_fl
 from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, record_merge, refuse_merged_twice,
                     save_adapter)
 from ..tokenizer import CHAT_FORMATS, Tokenizer
-from ..trainer import Interrupted, TrainConfig, bf16_native
+from ..trainer import REPORT_TO, Interrupted, TrainConfig, bf16_native
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,7 +101,7 @@ class TrainingOptions(ModelOptions):
     resume: bool = setting(False, "continue from OUT/checkpoint.pt", group=TRAINING)
     allow_config_change: bool = setting(False, "resume even if the settings differ", group=TRAINING)
     report_to: str = setting("none", "tensorboard: also write the metrics as TensorBoard scalars to OUT/tensorboard/ "
-                             "(needs the tensorboard package)", choices=["none", "tensorboard"], group=TRAINING)
+                             "(needs the tensorboard package)", choices=list(REPORT_TO), group=TRAINING)
 
     def check(self) -> None:
         if self.fsdp and not self.full:
