@@ -30,14 +30,16 @@ class Question:
 
 
 def load_questions(task: str, data: str | None, split: str = "test", size: int | None = None, seed: int = 0,
-                   limit: int | None = None) -> tuple[list[Question], str | None]:
+                   limit: int | None = None, skip: int = 0) -> tuple[list[Question], str | None]:
     """(questions, task kind: "math" | "choice", None for raw prompts); ids must be unique."""
     if task == raw.NAME:
-        rows = raw.load_prompts(data, limit)
+        rows = raw.load_prompts(data, None if limit is None else limit + skip)[skip:]
+        if not rows:
+            fail(f"no prompts after the first {skip}", data)
         return unique([Question(qid, None, {t: prompt for t in PROMPT_TYPES}, line) for line, qid, prompt in rows],
                       data), None
     spec = get_task(task)
-    examples = spec.load(data, limit=limit, split=split, size=size, seed=seed)
+    examples = spec.load(data, limit=limit, split=split, size=size, seed=seed, skip=skip)
     if not examples:
         fail("no questions", data or task)
     return unique([Question(e.id, e, {t: render_prompt(e, spec.kind, t) for t in PROMPT_TYPES})

@@ -29,3 +29,8 @@ def evaluate() -> None:
 def pipeline() -> None:
     from .pipeline import main
     cli_main(main)
+
+
+def sweep() -> None:
+    from .sweep import main
+    cli_main(main)

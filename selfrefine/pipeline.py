@@ -28,7 +28,7 @@ from .files import read_json, write_json
 from .fingerprint import model_digest, path_digest
 from .flags import Parser, seed_list
 from .paths import check_outputs
-from .pipeline_config import SPLITS, apply_overrides, check_config, eval_specs, recipe_config
+from .pipeline_config import SPLITS, VALIDATION, apply_overrides, check_config, eval_specs, recipe_config
 from .provenance import Stages
 from .recipes import dpo, eval as eval_recipe, rationales, sample, sft
 from .recipes.eval import compare_predictions, format_p
@@ -84,7 +84,8 @@ class Pipeline:
                                     prompt="both", out=str(samples))
         self.dpo = recipe_config("dpo", self.options["dpo"], source, model=str(self.student), samples=str(samples),
                                  demos=str(demos), task=train["task"], out=str(self.dpo_dir))
-        self.evals = {split: self.eval_config(split, source) for split in SPLITS}
+        self.evals = {split: self.eval_config(split, source) for split in (*SPLITS, VALIDATION)
+                      if eval_specs(cfg, split)}
 
     def eval_config(self, split: str, source: str) -> eval_recipe.EvalConfig:
         """A split's evaluation (the model and report path are set per row): each task with its data file."""
@@ -95,6 +96,12 @@ class Pipeline:
                              data=[s["data"] for s in specs if s.get("data")], out=str(self.out / "eval" / "x.json"))
 
     def run(self) -> dict[str, Any]:
+        models = self.train()
+        results = {row: {split: self.evaluate(row, split, *models[row]) for split in SPLITS} for row in ROWS}
+        return self.report(results)
+
+    def train(self) -> dict[str, tuple[Path, Path | None, dict[str, str]]]:
+        """Every training stage brought up to date; each row's (model, adapter, fingerprints) to evaluate."""
         base_fp = self.convert()
         demos_fp = self.demonstrations()
         check_budgets(Tokenizer.from_dir(self.base, self.sft.chat_format), Path(self.sft.data), self.sft_budgets())
@@ -106,13 +113,9 @@ class Pipeline:
         dpo_fp = self.stages.run("dpo", lambda: dpo.run(resumed(self.dpo)), outputs=[self.dpo_dir],
                                  options={**self.options["dpo"], "task": self.dpo.task},
                                  inputs={"sft": sft_fp, "samples": samples_fp, "demos": demos_fp})
-        base = self.base_evals or self
-        models = {"base": (base, base.base, None, {"model": base_fp}),
-                  "sft": (self, self.student, None, {"model": sft_fp}),
-                  "self_refine": (self, self.student, self.dpo_dir / "adapter", {"model": sft_fp, "adapter": dpo_fp})}
-        results = {row: {split: run.evaluate(row, split, model, adapter, fps) for split in SPLITS}
-                   for row, (run, model, adapter, fps) in models.items()}
-        return self.report(results)
+        return {"base": (self.base, None, {"model": base_fp}),
+                "sft": (self.student, None, {"model": sft_fp}),
+                "self_refine": (self.student, self.dpo_dir / "adapter", {"model": sft_fp, "adapter": dpo_fp})}
 
     def convert(self) -> str:
         """The base model's fingerprint; the packaged GGUF is converted into OUT/base unless the config names one."""
@@ -144,7 +147,10 @@ class Pipeline:
 
     def evaluate(self, row: str, split: str, model: Path, adapter: Path | None,
                  inputs: dict[str, str]) -> list[dict[str, Any]]:
-        """One model on one split: the eval report of each of its tasks (never pooled)."""
+        """One model on one split: the eval report of each of its tasks (never pooled). The base model's is
+        `base_evals`' when there is one."""
+        if row == "base" and self.base_evals is not None:
+            return self.base_evals.evaluate(row, split, self.base_evals.base, adapter, inputs)
         specs = eval_specs(self.cfg, split)
         path = self.out / "eval" / f"{row}.{split}.json"
         cfg = replace(self.evals[split], model=str(model), adapter=str(adapter) if adapter else None, out=str(path))
@@ -210,12 +216,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _cell(r: dict[str, Any]) -> str:
+def format_cell(r: dict[str, Any]) -> str:
     lo, hi = r["ci95"]
     return f"{_pct(r['accuracy'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _diff(c: dict[str, Any]) -> str:
+def format_diff(c: dict[str, Any]) -> str:
     lo, hi = c["ci95"]
     return f"{100 * c['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] p={format_p(c['p'])}"
 
@@ -229,8 +235,8 @@ def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any]) -> str:
              "|---|---|" + "---|" * len(ROWS)]
     for split in SPLITS:
         for task, first in rows[ROWS[0]][split].items():
-            cells = [_cell(rows[r][split][task]) for r in ROWS]
-            diffs = [_diff(comparisons[name][split][task]) for name in COMPARISONS]
+            cells = [format_cell(rows[r][split][task]) for r in ROWS]
+            diffs = [format_diff(comparisons[name][split][task]) for name in COMPARISONS]
             lines.append(f"| {split} | {task} | {first['n']} | " + " | ".join(cells + diffs) + " |")
             rates.append(f"| {split} | {task} | " + " | ".join(
                 f"{_pct(rows[r][split][task]['no_answer_rate'])} / {_pct(rows[r][split][task]['truncation_rate'])}"
@@ -238,21 +244,25 @@ def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + rates)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = Parser(prog="python -m selfrefine.pipeline", description=__doc__,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+def config_parser(prog: str, doc: str | None, out: str, what: str) -> Parser:
+    """The flags that say which config runs where (shared with `selfrefine.sweep`)."""
+    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     shipped = ", ".join(sorted(c.stem for c in CONFIGS.glob("*.json")))
     p.add_argument("--config", default=str(DEFAULT_CONFIG), type=config_path,
                    help=f"a config file, or the name of a shipped one: {shipped} (default: demo)")
-    p.add_argument("--out", default="runs/demo",
-                   help="run folder: every stage's outputs and report.json (default: runs/demo)")
+    p.add_argument("--out", default=out, help=f"run folder: every stage's outputs and {what} (default: {out})")
     p.add_argument("--seed", type=int, help="overrides the config's seed")
-    p.add_argument("--seeds", type=seed_list, help="comma-separated seeds (e.g. 0,1,2): each runs into OUT/seedS, "
-                   "then OUT/report.json gives every cell's mean and spread and the paired tests pooled over seeds")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--model", help="student model directory (instead of converting the packaged SmolLM2)")
     p.add_argument("--data-dir", help="fills {data_dir} in the config's paths")
     p.add_argument("--teacher", help="fills {teacher}: the teacher model directory of configs that sample one")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = config_parser("python -m selfrefine.pipeline", __doc__, "runs/demo", "report.json")
+    p.add_argument("--seeds", type=seed_list, help="comma-separated seeds (e.g. 0,1,2): each runs into OUT/seedS, "
+                   "then OUT/report.json gives every cell's mean and spread and the paired tests pooled over seeds")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="set a config value, e.g. sft.lr=2e-4 dpo.beta=0.2 eval.in_domain.size=100 seed=1 "
                         "(checked like the file's keys, recorded in OUT/run.json)")
@@ -261,11 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fail("give --seed or --seeds, not both")
     cfg = load_config(args)
     out = Path(args.out)
-    evals = [s for split in SPLITS for s in eval_specs(cfg, split)]
-    check_outputs([("--model", cfg.get("model")), ("--teacher", cfg.get("teacher", {}).get("model")),
-                   ("train.data", cfg["train"].get("data")),
-                   *((f"eval data of {s['task']}", s.get("data")) for s in evals)],
-                  {"--out": args.out}, folders=["--out"], may_hold_inputs=True)  # before the first stage runs
+    check_paths(cfg, args.out)
     seed_of = {s: s for s in args.seeds} if args.seeds else {
         None: args.seed if args.seed is not None else cfg.get("seed", 0)}
     dirs = seeds.seed_dirs(out, args.seeds) if args.seeds else {None: out}
@@ -283,6 +289,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(seeds.markdown(summary, NAMES, COMPARISONS))
     print(f"report across seeds -> {out / 'report.json'}")
     return summary
+
+
+def check_paths(cfg: dict[str, Any], out: str) -> None:
+    """Every input the config names is there and OUT can be written: before the first stage runs."""
+    evals = [s for split in (*SPLITS, VALIDATION) for s in eval_specs(cfg, split)]
+    check_outputs([("--model", cfg.get("model")), ("--teacher", cfg.get("teacher", {}).get("model")),
+                   ("train.data", cfg["train"].get("data")),
+                   *((f"eval data of {s['task']}", s.get("data")) for s in evals)],
+                  {"--out": out}, folders=["--out"], may_hold_inputs=True)
 
 
 def config_path(name: str) -> str:

@@ -20,6 +20,7 @@ from .recipes.sample import SampleConfig
 from .recipes.sft import SFTConfig
 
 SPLITS = ("in_domain", "out_of_domain")
+VALIDATION = "validation"  # optional: held-out training questions, what `selfrefine.sweep` chooses settings on
 REQUIRED = ("train", "sft", "sample", "dpo", "eval")
 _SAMPLING = frozenset({"model", "adapter", "out", "resume", "keep_correct", "demos_out", "from_rationales"})
 _DPO = frozenset({"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume"})
@@ -32,7 +33,8 @@ SECTIONS: dict[str, tuple[type[Settings], frozenset[str]]] = {
     "pairs": (DPOConfig, _DPO),
     "dpo": (DPOConfig, _DPO),
     "eval_options": (EvalConfig, frozenset({"model", "adapter", "task", "data", "out", "compare"})),
-    **{f"eval.{split}": (EvalConfig, frozenset({"model", "adapter", "out", "compare"})) for split in SPLITS},
+    **{f"eval.{split}": (EvalConfig, frozenset({"model", "adapter", "out", "compare"}))
+       for split in (*SPLITS, VALIDATION)},
 }
 TOP_KEYS = {"description": str, "seed": nonneg_int, "model": str, "gguf": str}
 SUB_SECTIONS = ("train", "teacher", "sft", "sample", "pairs", "dpo", "eval", "eval_options")
@@ -55,7 +57,7 @@ def sections(cfg: dict[str, Any]) -> list[tuple[str, Any]]:
     found = [(name, cfg[name]) for name in ("train", "sft", "sample", "pairs", "dpo", "eval_options") if name in cfg]
     if "sampling" in cfg.get("teacher", {}):
         found.append(("teacher.sampling", cfg["teacher"]["sampling"]))
-    return found + [(f"eval.{split}", spec) for split in SPLITS for spec in eval_specs(cfg, split)]
+    return found + [(f"eval.{split}", spec) for split in (*SPLITS, VALIDATION) for spec in eval_specs(cfg, split)]
 
 
 def check_config(cfg: Any, path: str) -> None:
@@ -75,6 +77,12 @@ def check_config(cfg: Any, path: str) -> None:
         specs = eval_specs(cfg, split)
         if not specs or not all(isinstance(s, dict) and "task" in s for s in specs):
             fail(f"eval.{split} must be a {{task, ...}} object or a non-empty list of them", path)
+    validation = cfg["eval"].get(VALIDATION)
+    if validation is not None and not all(isinstance(s, dict) and "task" in s for s in eval_specs(cfg, VALIDATION)):
+        fail(f"eval.{VALIDATION} must be a {{task, ...}} object or a list of them", path)
+    if any(s.get("split", "test") == "test" and not s.get("data") for s in eval_specs(cfg, VALIDATION)):
+        fail(f"eval.{VALIDATION} is held-out training data: give it a split other than test (e.g. train with skip)",
+             path)
     for name, options in sections(cfg):
         cls, reserved = SECTIONS[name]
         checked_values(cls, options, path, f"section {name}", reserved)

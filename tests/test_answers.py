@@ -60,6 +60,13 @@ def test_raw_questions_use_the_prompt_for_both_types(tmp_path: Path):
         assert q.prompts == {t: prompt for t in answers.PROMPT_TYPES}
 
 
+def test_raw_skip_passes_over_the_first_prompts(tmp_path: Path):
+    path = write_raw(tmp_path / "raw.jsonl", ["a", 2, "c"])
+    assert [q.id for q in answers.load_questions(raw.NAME, str(path), skip=1, limit=1)[0]] == ["2"]
+    with pytest.raises(UserError, match="raw.jsonl: no prompts after the first 3"):
+        answers.load_questions(raw.NAME, str(path), skip=3)
+
+
 def test_repeated_raw_id_names_the_file_and_both_lines(tmp_path: Path):
     path = write_raw(tmp_path / "raw.jsonl", ["a", "b", "a"])
     with pytest.raises(UserError, match=r"question id 'a' appears twice \(first at line 1\)") as e:

@@ -186,6 +186,22 @@ def reference_key(cfg: DPOConfig, records: list[dict], device: torch.device) -> 
     })
 
 
+def score_reference(step: DPOStep, model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int,
+                    batch_size: int, precision: str) -> None:
+    """Set each pair's reference log-probs, scored in chunks of `batch_size` in list order under `precision`:
+    the batches and kernels of a validation pass, so the numbers are the ones it would compute itself."""
+    was_training = model.training
+    model.eval()
+    amp, _ = autocast_context(next(model.parameters()).device, precision)
+    for i in progress_bar(range(0, len(pairs), batch_size), desc="reference log-probs"):
+        chunk = pairs[i:i + batch_size]
+        with amp:
+            ref = step.reference_logps(model, collate_pairs(chunk, pad_id))
+        for p, (c, r) in zip(chunk, ref.tolist()):
+            p.ref_logps = (c, r)
+    model.train(was_training)
+
+
 def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int,
                          batch_size: int, precision: str, out_dir: Path, key: str) -> None:
     """Reference log-probs for every pair (scored under the training steps' `precision`), cached in OUT for
@@ -197,16 +213,7 @@ def precompute_reference(step: DPOStep, model: torch.nn.Module, pairs: list[Toke
             for p, r in zip(pairs, rows):
                 p.ref_logps = (r["chosen"], r["rejected"])
             return
-    was_training = model.training
-    model.eval()
-    amp, _ = autocast_context(next(model.parameters()).device, precision)
-    for i in progress_bar(range(0, len(pairs), batch_size), desc="reference log-probs"):
-        chunk = pairs[i:i + batch_size]
-        with amp:
-            ref = step.reference_logps(model, collate_pairs(chunk, pad_id))
-        for p, (c, r) in zip(chunk, ref.tolist()):
-            p.ref_logps = (c, r)
-    model.train(was_training)
+    score_reference(step, model, pairs, pad_id, batch_size, precision)
     if distributed.is_main():  # every rank computed the same numbers; one writes them
         write_jsonl(cache, [{"key": key, "chosen": p.ref_logps[0], "rejected": p.ref_logps[1]} for p in pairs])
 
@@ -259,6 +266,8 @@ def run(cfg: DPOConfig) -> dict:
         key = reference_key(cfg, [r for _, r in records], device)
         precompute_reference(step, model, pairs, tok.pad_id, cfg.batch_size, cfg.precision, out_dir, key)
     train_pairs, val = hold_out(pairs, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (pairs, [])  # file order
+    if val and not cfg.precompute_ref:  # the reference never changes: score the held-out pairs once, not per pass
+        score_reference(step, model, val, tok.pad_id, cfg.batch_size, cfg.precision)
     print(f"DPO: {len(train_pairs)} train / {len(val)} val pairs, beta {cfg.beta}, loss {cfg.loss}, device {device}")
     collate = partial(collate_pairs, pad_id=tok.pad_id)
     validate = (lambda m: held_out_loss(m, val, collate, step, cfg.batch_size)) if val else None

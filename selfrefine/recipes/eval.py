@@ -43,6 +43,8 @@ class EvalConfig(ModelOptions):
     size: int | None = setting(None, "embedded tasks: number of generated questions", parse=positive_int, group=TASKS)
     data_seed: int = setting(0, "embedded tasks: generator seed", parse=nonneg_int, group=TASKS)
     limit: int | None = setting(None, "first N questions of each task", parse=positive_int, group=TASKS)
+    skip: int = setting(0, "pass over the first N questions of each task first (a validation split: the training "
+                        "questions after those trained on)", parse=nonneg_int, group=TASKS)
     prompt: str = setting("cot", "the prompt type", choices=["cot", "direct"])
     batch_size: int = setting(16, "decoding slots", parse=positive_int)
     max_new_tokens: int = setting(256, "answer budget in tokens (an answer cut here counts as wrong)",
@@ -110,7 +112,8 @@ def evaluate(model, tok, cfg: EvalConfig, task: str, path: str | None, loaded) -
     pred_path = cfg.predictions_path(task)
     if distributed.is_main():
         write_jsonl(pred_path, preds)
-    return {"task": task, "data": path, "split": cfg.split if path is None else None, "prompt": cfg.prompt,
+    return {"task": task, "data": path, "split": cfg.split if path is None else None, "skip": cfg.skip,
+            "prompt": cfg.prompt,
             "n": n, "correct": k, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
             "no_answer_rate": sum(not p["answer_found"] for p in preds) / n,
             "truncation_rate": sum(p["finish_reason"] == "length" for p in preds) / n,
@@ -209,7 +212,7 @@ def run(cfg: EvalConfig) -> dict | list[tuple[str, PairedComparison]]:
     check_outputs([("--model", cfg.model), ("--adapter", cfg.adapter), *((f"--task {n} data", d) for n, d in specs)],
                   [("--out", cfg.out), *((f"the predictions of --task {n}", cfg.predictions_path(n))
                                          for n, _ in specs)])
-    data = [load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit)  # all read before any output
+    data = [load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit, cfg.skip)  # all read before any output
             for name, path in specs]
     model, tok, _ = load(cfg)
     if distributed.is_main():

@@ -36,8 +36,9 @@ class Task:
     needs_data: bool = True  # False: generated (arith, arith_ood), no data file
 
     def load(self, path: str | os.PathLike | None = None, limit: int | None = None, split: str = "test",
-             size: int | None = None, seed: int = 0) -> list[Example]:
-        """The examples of one split, in file order; `limit` keeps the first ones.
+             size: int | None = None, seed: int = 0, skip: int = 0) -> list[Example]:
+        """The examples of one split, in file order; `skip` passes over the first ones (those trained on, when a
+        validation split is the rest of a training split), then `limit` (or `size`) keeps the first ones.
 
         File-based tasks: `path` is the file, or a folder holding the official file names (then `split` picks one;
         "test" means the labelled evaluation split, e.g. CommonsenseQA dev, PIQA valid); without `path`, the folder
@@ -45,7 +46,11 @@ class Task:
         """
         if limit is not None and limit < 1:
             fail(f"limit must be >= 1, got {limit}")
-        examples = self.source(None if path is None else Path(path), split, size, seed)
+        if skip < 0:
+            fail(f"skip must be >= 0, got {skip}")
+        # generated tasks are prefix-stable: the first size + skip questions start with the first `skip`
+        examples = self.source(None if path is None else Path(path), split, None if size is None else size + skip,
+                               seed)[skip:]
         return examples if limit is None else examples[:limit]
 
 

@@ -4,6 +4,8 @@ and a short run that separates chosen from rejected."""
 from __future__ import annotations
 
 import json
+import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from selfrefine.lora import LoRAConfig, inject_lora
 from selfrefine.preference import load_pairs
 from selfrefine.recipes import dpo
 from selfrefine.tokenizer import Tokenizer
-from selfrefine.trainer import TrainConfig, autocast_context, train
+from selfrefine.trainer import TrainConfig, autocast_context, held_out_loss, train
 
 from .conftest import write_jsonl
 
@@ -92,6 +94,29 @@ def test_precomputed_reference_matches_on_the_fly(tiny_dir: Path, pairs: Path, t
     policy, _ = step.logps(model, batch)  # the adapter really was switched off for the reference
     assert not torch.allclose(policy[:3], on_the_fly[:, 0], atol=1e-3)
     assert (tmp_path / dpo.REF_CACHE).exists()
+
+
+def test_held_out_reference_scored_once_gives_the_same_loss(tiny_dir: Path, pairs: Path):
+    """The held-out pairs' reference is scored once before training (`score_reference`); a validation pass
+    then gives exactly the loss it gives scoring the reference itself."""
+    tok, examples = encoded(tiny_dir, pairs)
+    model = load_model(tiny_dir)
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    step = dpo.DPOStep(objective(), None)
+    collate = partial(collate_pairs, pad_id=tok.pad_id)
+    dpo.score_reference(step, model, examples, tok.pad_id, 3, "auto")  # before the policy moves
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.eval()
+    amp = autocast_context(torch.device("cpu"), "auto")[0]
+    with torch.no_grad(), amp:
+        cached = held_out_loss(model, examples, collate, step, 3)
+        for p in examples:
+            p.ref_logps = None
+        on_the_fly = held_out_loss(model, examples, collate, step, 3)
+    assert cached == on_the_fly and cached != pytest.approx(math.log(2))  # the policy did move
 
 
 def test_precompute_ref_run(tiny_dir: Path, pairs: Path, tmp_path: Path):

@@ -84,6 +84,17 @@ def test_sizes_and_defaults() -> None:
     assert len(set(ids)) == len(ids) and ids[0] == "arith-train-0"
 
 
+def test_skip_gives_the_questions_after_those_trained_on() -> None:
+    """A validation split from the training split: `skip` passes over the first questions, for any size."""
+    train = ARITH.load(split="train", size=40)
+    val = ARITH.load(split="train", size=25, skip=40)
+    assert val == ARITH.load(split="train", size=65)[40:] and len(val) == 25
+    assert not {e.question for e in train} & {e.question for e in val}
+    assert val[0].id == "arith-train-40" and ARITH.load(split="train", size=65, skip=40, limit=3) == val[:3]
+    with pytest.raises(UserError, match="skip"):
+        ARITH.load(skip=-1)
+
+
 def test_splits_disjoint_and_no_duplicates() -> None:
     train = {e.question for e in ARITH.load(split="train", size=3000)}
     for seed in (0, 1):

@@ -64,6 +64,8 @@ def test_explicit_labels_path(tmp_path: Path) -> None:
 
 def test_limit_and_default_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(get_task("piqa").load(FIX / "piqa", limit=2)) == 2
+    every = get_task("piqa").load(FIX / "piqa")
+    assert get_task("piqa").load(FIX / "piqa", skip=1, limit=1) == every[1:2]  # a file split's tail
     monkeypatch.setenv("SELFREFINE_DATA", str(FIX))
     assert len(get_task("socialiqa").load()) == 3
     monkeypatch.delenv("SELFREFINE_DATA")

@@ -1,0 +1,134 @@
+"""Choose settings on held-out training questions, never on a test set: each combination of the values given
+runs the pipeline's training stages, then SFT and SFT+self-refine answer the config's `eval.validation` split
+(training-split questions after those trained on) and nothing else.
+
+    python -m selfrefine.sweep --config demo --out runs/sweep dpo.lr=2e-5,5e-5,1.5e-4 dpo.beta=0.1,0.5
+
+The variants run one after another in OUT, so a stage whose options did not change is reused (SFT and the
+samples, when only dpo.* varies; the first key varies slowest). OUT/sweep.json gets each variant as it finishes:
+its validation accuracy per task (95% interval), SFT+self-refine against SFT paired on the same questions, and
+the variant chosen: the highest mean accuracy of the --select row over the validation tasks (ties: the first).
+A variant already there, measured under the same config and code, is not run again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .answers import load_questions
+from .config import parse_override
+from .errors import cli_main, fail
+from .files import read_json, write_json
+from .fingerprint import code_version, digest
+from .pipeline import Pipeline, check_paths, config_parser, format_cell, format_diff, load_config
+from .pipeline_config import SPLITS, VALIDATION, apply_overrides, eval_specs
+from .recipes.eval import compare_predictions
+from .runs import describe
+
+ROWS = ("sft", "self_refine")
+RESULT_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate")
+
+
+def grid(items: list[str]) -> list[list[str]]:
+    """["dpo.lr=1e-5,2e-5", "dpo.beta=0.1"] -> [["dpo.lr=1e-5", "dpo.beta=0.1"], ["dpo.lr=2e-5", "dpo.beta=0.1"]]."""
+    keys, values = [], []
+    for item in items:
+        key, text = parse_override(item)
+        if key in keys:
+            fail(f"{item}: {key} given twice; list its values once, comma-separated")
+        keys.append(key)
+        values.append(text.split(","))
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*values)]
+
+
+def question_texts(pipeline: Pipeline, split: str) -> set[str]:
+    """The chain-of-thought prompts of a split's questions (the training questions for split "train")."""
+    if split == "train":
+        return {q.prompts["cot"] for q in pipeline.rationales.questions("train")[0]}
+    cfg = pipeline.evals[split]
+    return {q.prompts["cot"] for name, path in cfg.task_data()
+            for q in load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit, cfg.skip)[0]}
+
+
+def check_held_out(pipeline: Pipeline, source: str) -> None:
+    """The validation questions share none with the questions trained on, nor with any evaluation split."""
+    val = question_texts(pipeline, VALIDATION)
+    for split in ("train", *SPLITS):
+        if shared := len(val & question_texts(pipeline, split)):
+            where = "the training questions (skip past them)" if split == "train" else \
+                f"eval.{split}: settings are never chosen on a test set"
+            fail(f"eval.{VALIDATION} shares {shared} question(s) with {where}", source)
+
+
+def measure(pipeline: Pipeline) -> dict[str, Any]:
+    """Train (stages up to date are reused), then both rows on the validation split, paired."""
+    models = pipeline.train()
+    reports = {row: pipeline.evaluate(row, VALIDATION, *models[row]) for row in ROWS}
+    rows = {row: {t["task"]: {k: t[k] for k in RESULT_KEYS} for t in reports[row]} for row in ROWS}
+    paired = {task: asdict(cmp) for a, b in zip(reports["sft"], reports["self_refine"])
+              for task, cmp in compare_predictions(a["predictions"], b["predictions"])}
+    return {"rows": rows, "self_refine_vs_sft": paired, "stage_seconds": dict(pipeline.stages.seconds)}
+
+
+def score(variant: dict[str, Any], row: str) -> float:
+    cells = variant["rows"][row].values()
+    return sum(c["accuracy"] for c in cells) / len(cells)
+
+
+def markdown(variants: list[dict[str, Any]], chosen: int) -> str:
+    lines = ["| variant | task | n | SFT | SFT+self-refine | SFT+self-refine - SFT | no answer / cut (SFT+SR) |",
+             "|---|---|---:|---|---|---|---|"]
+    for i, v in enumerate(variants):
+        name = " ".join(v["settings"]) + (" **(chosen)**" if i == chosen else "")
+        for task, sr in v["rows"]["self_refine"].items():
+            lines.append(f"| {name} | {task} | {sr['n']} | {format_cell(v['rows']['sft'][task])} | {format_cell(sr)} | "
+                         f"{format_diff(v['self_refine_vs_sft'][task])} | "
+                         f"{100 * sr['no_answer_rate']:.1f}% / {100 * sr['truncation_rate']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = config_parser("python -m selfrefine.sweep", __doc__, "runs/sweep", "sweep.json")
+    p.add_argument("--select", choices=ROWS, default="self_refine",
+                   help="the row whose validation accuracy chooses the variant (default: self_refine)")
+    p.add_argument("grid", nargs="+", metavar="section.key=v1,v2,...",
+                   help="the values to try, e.g. dpo.lr=2e-5,5e-5 dpo.beta=0.1,0.5 (every combination; a single "
+                        "value just sets it)")
+    args = p.parse_intermixed_args(argv)
+    args.overrides = []
+    base = load_config(args)
+    if not eval_specs(base, VALIDATION):
+        fail(f"a sweep measures on eval.{VALIDATION} (held-out training questions, e.g. "
+             '{"task": "arith", "split": "train", "skip": 400, "size": 300}); the config has none', args.config)
+    seed = args.seed if args.seed is not None else base.get("seed", 0)
+    out = Path(args.out)
+    variants = [(v, apply_overrides(base, v, args.config)) for v in grid(args.grid)]  # all checked first
+    pipelines = [Pipeline(cfg, args.config, out, seed, args.force) for _, cfg in variants]
+    check_paths(base, args.out)
+    for pipeline in pipelines:  # a variant may change the questions (train.size, say)
+        check_held_out(pipeline, args.config)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "run.json", describe(base, overrides=args.grid, config_file=args.config))
+    path = out / "sweep.json"
+    done = {v["key"]: v for v in (read_json(path)["variants"] if path.exists() and not args.force else [])}
+    results = []
+    for (settings, cfg), pipeline in zip(variants, pipelines):
+        key = digest({"config": cfg, "seed": seed, "code": code_version()})
+        if key not in done:
+            print(f"sweep: {' '.join(settings)}")
+            done[key] = {"settings": settings, "key": key, **measure(pipeline)}
+        results.append(done[key])
+        write_json(path, {"select": args.select, "variants": results, "chosen": None})
+    chosen = max(range(len(results)), key=lambda i: (score(results[i], args.select), -i))
+    summary = {"select": args.select, "variants": results, "chosen": results[chosen]["settings"]}
+    write_json(path, summary)
+    print(markdown(results, chosen))
+    print(f"chosen on eval.{VALIDATION} ({args.select}): {' '.join(results[chosen]['settings'])}; -> {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,76 @@
+"""sweep.py: settings chosen on held-out training questions, shared stages reused, test sets refused."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from selfrefine import sweep
+from selfrefine.errors import UserError
+from tests.helpers import make_tiny_model_dir
+from tests.test_pipeline import TINY, stage_lines
+
+VALIDATION = {"task": "arith", "split": "train", "skip": 8, "size": 5}
+
+
+def write_config(tmp_path: Path, validation=VALIDATION) -> Path:
+    cfg = json.loads(json.dumps(TINY))
+    cfg["eval"]["validation"] = validation
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_grid_is_every_combination_first_key_slowest():
+    assert sweep.grid(["dpo.lr=1e-3,2e-3", "dpo.beta=0.1,0.5", "seed=3"]) == [
+        ["dpo.lr=1e-3", "dpo.beta=0.1", "seed=3"], ["dpo.lr=1e-3", "dpo.beta=0.5", "seed=3"],
+        ["dpo.lr=2e-3", "dpo.beta=0.1", "seed=3"], ["dpo.lr=2e-3", "dpo.beta=0.5", "seed=3"]]
+    with pytest.raises(UserError, match="dpo.lr given twice"):
+        sweep.grid(["dpo.lr=1", "dpo.lr=2"])
+
+
+def test_sweep_reuses_shared_stages_measures_only_validation_and_resumes(tmp_path: Path, capsys):
+    model = make_tiny_model_dir(tmp_path / "model")
+    config, out = write_config(tmp_path), tmp_path / "sweep"
+    args = ["--config", str(config), "--out", str(out), "--model", str(model), "dpo.lr=1e-2,3e-2", "dpo.beta=0.2"]
+    summary = sweep.main(args)
+    printed = capsys.readouterr().out
+    runs = re.findall(r"^\[(\w+)\] [\d.]+ s$", printed, re.M)
+    assert runs.count("sft") == 1 and runs.count("self_refine_samples") == 1  # shared by both variants
+    assert runs.count("dpo") == 2 and runs.count("eval_self_refine_validation") == 2
+    assert runs.count("eval_sft_validation") == 1 and not [r for r in runs if "domain" in r or "base" in r]
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert [v["settings"] for v in saved["variants"]] == [["dpo.lr=1e-2", "dpo.beta=0.2"], ["dpo.lr=3e-2", "dpo.beta=0.2"]]
+    scores = [v["rows"]["self_refine"]["arith"]["accuracy"] for v in saved["variants"]]
+    assert saved["chosen"] == saved["variants"][scores.index(max(scores))]["settings"]
+    for v in saved["variants"]:
+        assert v["rows"]["sft"]["arith"]["n"] == 5 and v["self_refine_vs_sft"]["arith"]["n"] == 5
+    report = json.loads((out / "eval" / "sft.validation.json").read_text())
+    assert (report["split"], report["skip"], report["n"]) == ("train", 8, 5)
+    assert "(chosen)" in printed and "chosen on eval.validation (self_refine)" in printed
+    sweep.main(args)  # both measured under this config and code: nothing runs
+    assert stage_lines(capsys.readouterr().out)[1] == set()
+
+
+@pytest.mark.parametrize("validation, says", [
+    ({"task": "arith", "split": "train", "skip": 4, "size": 5}, "shares 4 question.s. with the training questions"),
+    ({"task": "arith", "split": "test", "size": 4}, "give it a split other than test"),
+])
+def test_validation_overlapping_training_or_test_questions_is_refused(tmp_path: Path, validation, says):
+    model = make_tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "sweep"
+    with pytest.raises(UserError, match=says):
+        sweep.main(["--config", str(write_config(tmp_path, validation)), "--out", str(out), "--model", str(model),
+                    "dpo.lr=1e-2"])
+    assert not out.exists()
+
+
+def test_a_config_without_validation_is_refused(tmp_path: Path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    with pytest.raises(UserError, match="a sweep measures on eval.validation"):
+        sweep.main(["--config", str(config), "--out", str(tmp_path / "o"), "dpo.lr=1e-2"])
