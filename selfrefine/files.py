@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import fail
+from .log import logger
 
 
 @contextlib.contextmanager
@@ -55,8 +56,8 @@ def remove_stale_temps(folder: str | os.PathLike, names: list[str] | None = None
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             removed.append(entry)
     if removed:
-        print(f"{folder}: removed {len(removed)} temporary file(s) left by an interrupted write: "
-              + ", ".join(p.name for p in removed))
+        logger.info(f"{folder}: removed {len(removed)} temporary file(s) left by an interrupted write: "
+                    + ", ".join(p.name for p in removed))
     return removed
 
 

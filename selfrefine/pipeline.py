@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,10 @@ from .errors import cli_main, fail
 from .files import read_json, write_json
 from .fingerprint import model_digest, path_digest
 from .flags import Parser, seed_list
+from .log import logger, set_level
 from .paths import check_outputs
 from .pipeline_config import SPLITS, VALIDATION, apply_overrides, check_config, eval_specs, recipe_config
+from .plots import figures_line
 from .provenance import Stages
 from .recipes import dpo, eval as eval_recipe, rationales, sample, sft
 from .recipes.eval import compare_predictions, format_p
@@ -37,10 +39,49 @@ from .tokenizer import Tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package (and linked as ./configs)
 DEFAULT_CONFIG = CONFIGS / "demo.json"
-ROWS = ("base", "sft", "self_refine")
+ROWS = ("base", "sft", "self_refine")  # one round; each further round r adds a row "self_refine_r<r>"
 COMPARISONS = {"sft_vs_base": ("base", "sft"), "self_refine_vs_sft": ("sft", "self_refine")}  # name: (A, B)
 NAMES = {"base": "base", "sft": "SFT", "self_refine": "SFT+self-refine"}
 CELL_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate", "predictions")
+ROUND_SEED_STRIDE = 1_000_000  # round r samples with seed + (r - 1) * this: fresh draws, never another seed's
+
+
+def round_tag(r: int) -> str:
+    """What round r's stages, files and row are suffixed with: nothing for round 1 (the one-round names)."""
+    return "" if r == 1 else f"_r{r}"
+
+
+def round_row(r: int) -> str:
+    return f"self_refine{round_tag(r)}"
+
+
+def row_names(rounds: int) -> tuple[str, ...]:
+    return (*ROWS, *(round_row(r) for r in range(2, rounds + 1)))
+
+
+def comparisons_of(rounds: int) -> dict[str, tuple[str, str]]:
+    """SFT - base and round 1 - SFT; for each further round, it against the round before and against SFT."""
+    out = dict(COMPARISONS)
+    for r in range(2, rounds + 1):
+        out[f"{round_row(r)}_vs_{round_row(r - 1)}"] = (round_row(r - 1), round_row(r))
+        out[f"{round_row(r)}_vs_sft"] = ("sft", round_row(r))
+    return out
+
+
+def row_name(row: str) -> str:
+    return NAMES.get(row) or f"SFT+self-refine round {row.rpartition('_r')[2]}"
+
+
+@dataclass(frozen=True)
+class Round:
+    """Self-refine round r: sample with `model` (SFT's for round 1, else round r-1's merged), build pairs, DPO
+    from `model` (reference: `model` itself, or the SFT model with round_reference "sft")."""
+
+    number: int
+    model: Path
+    sample_options: dict[str, Any]
+    sample: sample.SampleConfig
+    dpo: dpo.DPOConfig
 
 
 def substitute(obj: Any, values: dict[str, str]) -> Any:
@@ -68,11 +109,12 @@ class Pipeline:
         inputs = [Path(p) for p in (cfg.get("model"), cfg.get("teacher", {}).get("model")) if p]
         self.stages = Stages(out, force, protected=tuple(inputs))
         self.base = Path(cfg["model"]) if cfg.get("model") else out / "base"
-        self.student, self.dpo_dir = out / "sft" / "merged", out / "dpo"
-        demos, samples, train = out / "demos.jsonl", out / "samples.jsonl", cfg["train"]
+        self.student = out / "sft" / "merged"
+        demos, train = out / "demos.jsonl", cfg["train"]
+        rounds = cfg.get("rounds", 1)
+        self.rows, self.comparisons = row_names(rounds), comparisons_of(rounds)
         # What each stage is run with (its config below; the provenance record of its options in `run`).
-        self.options = {"sft": {"seed": seed, **cfg["sft"]}, "sample": {"seed": seed, **train, **cfg["sample"]},
-                        "dpo": {"seed": seed, **cfg.get("pairs", {}), **cfg["dpo"]}}
+        self.options = {"sft": {"seed": seed, **cfg["sft"]}, "dpo": {"seed": seed, **cfg.get("pairs", {}), **cfg["dpo"]}}
         self.rationales = recipe_config("train", train, source, demos_out=str(demos))
         teacher = cfg.get("teacher", {"type": "rationales"})
         self.teacher = None if teacher["type"] == "rationales" else recipe_config(
@@ -80,10 +122,18 @@ class Pipeline:
             model=teacher["model"], out=str(out / "teacher_samples.jsonl"), keep_correct=True, demos_out=str(demos))
         self.sft = recipe_config("sft", self.options["sft"], source, model=str(self.base), data=str(demos),
                                  out=str(out / "sft"), merge=True)
-        self.sample = recipe_config("sample", self.options["sample"], source, model=str(self.student),
-                                    prompt="both", out=str(samples))
-        self.dpo = recipe_config("dpo", self.options["dpo"], source, model=str(self.student), samples=str(samples),
-                                 demos=str(demos), task=train["task"], out=str(self.dpo_dir))
+        self.rounds: list[Round] = []
+        model = self.student
+        for r in range(1, rounds + 1):
+            tag = round_tag(r)
+            options = {"seed": seed + (r - 1) * ROUND_SEED_STRIDE, **train, **cfg["sample"]}
+            samples, dpo_dir = out / f"samples{tag}.jsonl", out / f"dpo{tag}"
+            ref = str(self.student) if r > 1 and cfg.get("round_reference") == "sft" else None
+            self.rounds.append(Round(r, model, options, recipe_config(
+                "sample", options, source, model=str(model), prompt="both", out=str(samples)), recipe_config(
+                "dpo", self.options["dpo"], source, model=str(model), samples=str(samples), demos=str(demos),
+                task=train["task"], out=str(dpo_dir), merge=r < rounds, ref_model=ref)))
+            model = dpo_dir / "merged"  # what the next round starts from
         self.evals = {split: self.eval_config(split, source) for split in (*SPLITS, VALIDATION)
                       if eval_specs(cfg, split)}
 
@@ -97,7 +147,7 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         models = self.train()
-        results = {row: {split: self.evaluate(row, split, *models[row]) for split in SPLITS} for row in ROWS}
+        results = {row: {split: self.evaluate(row, split, *models[row]) for split in SPLITS} for row in self.rows}
         return self.report(results)
 
     def train(self) -> dict[str, tuple[Path, Path | None, dict[str, str]]]:
@@ -107,15 +157,23 @@ class Pipeline:
         check_budgets(Tokenizer.from_dir(self.base, self.sft.chat_format), Path(self.sft.data), self.sft_budgets())
         sft_fp = self.stages.run("sft", lambda: sft.run(resumed(self.sft)), outputs=[Path(self.sft.out)],
                                  options=self.options["sft"], inputs={"base": base_fp, "demos": demos_fp})
-        samples_fp = self.stages.run("self_refine_samples", lambda: sample.run(resumed_sampling(self.sample)),
-                                     outputs=with_partials(Path(self.sample.out)), options=self.options["sample"],
-                                     inputs={"sft": sft_fp})
-        dpo_fp = self.stages.run("dpo", lambda: dpo.run(resumed(self.dpo)), outputs=[self.dpo_dir],
-                                 options={**self.options["dpo"], "task": self.dpo.task},
-                                 inputs={"sft": sft_fp, "samples": samples_fp, "demos": demos_fp})
-        return {"base": (self.base, None, {"model": base_fp}),
-                "sft": (self.student, None, {"model": sft_fp}),
-                "self_refine": (self.student, self.dpo_dir / "adapter", {"model": sft_fp, "adapter": dpo_fp})}
+        models = {"base": (self.base, None, {"model": base_fp}), "sft": (self.student, None, {"model": sft_fp})}
+        start_fp = sft_fp  # the fingerprint of the model the round starts from
+        for rd in self.rounds:
+            tag = round_tag(rd.number)
+            samples_fp = self.stages.run(f"self_refine_samples{tag}",
+                                         lambda rd=rd: sample.run(resumed_sampling(rd.sample)),
+                                         outputs=with_partials(Path(rd.sample.out)), options=rd.sample_options,
+                                         inputs={"model": start_fp})
+            dpo_fp = self.stages.run(f"dpo{tag}", lambda rd=rd: dpo.run(resumed(rd.dpo)), outputs=[Path(rd.dpo.out)],
+                                     options={**self.options["dpo"], "task": rd.dpo.task, "merge": rd.dpo.merge,
+                                              "reference": "sft" if rd.dpo.ref_model else "previous"},
+                                     inputs={"model": start_fp, "samples": samples_fp, "demos": demos_fp,
+                                             "sft": sft_fp})
+            models[round_row(rd.number)] = (rd.model, Path(rd.dpo.out) / "adapter",
+                                            {"model": start_fp, "adapter": dpo_fp})
+            start_fp = dpo_fp
+        return models
 
     def convert(self) -> str:
         """The base model's fingerprint; the packaged GGUF is converted into OUT/base unless the config names one."""
@@ -142,7 +200,7 @@ class Pipeline:
 
     def sft_budgets(self) -> dict[str, int]:
         """The answer budgets that the demonstrations' lengths should fit in."""
-        return {"sample.max_new_tokens": self.sample.max_new_tokens,
+        return {"sample.max_new_tokens": self.rounds[0].sample.max_new_tokens,
                 **{f"eval.{split}.max_new_tokens": e.max_new_tokens for split, e in self.evals.items()}}
 
     def evaluate(self, row: str, split: str, model: Path, adapter: Path | None,
@@ -163,9 +221,9 @@ class Pipeline:
 
     def report(self, results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
         rows = {row: {split: {t["task"]: {k: t[k] for k in CELL_KEYS} for t in results[row][split]}
-                      for split in SPLITS} for row in ROWS}
+                      for split in SPLITS} for row in self.rows}
         comparisons = {}
-        for name, (a, b) in COMPARISONS.items():
+        for name, (a, b) in self.comparisons.items():
             comparisons[name] = {}
             for split in SPLITS:
                 pairs = zip(results[a][split], results[b][split])
@@ -176,8 +234,9 @@ class Pipeline:
                   "total_seconds": round(sum(stages.seconds.values()), 1), "fingerprints": stages.fingerprints,
                   "seed": self.seed, "config": self.cfg}
         write_json(self.out / "report.json", report)
-        print(markdown_table(rows, comparisons))
+        print(markdown_table(rows, comparisons, self.comparisons))
         print(f"total {report['total_seconds']:.0f} s of stage time; report -> {self.out / 'report.json'}")
+        print(figures_line(self.out))
         return report
 
 
@@ -205,11 +264,11 @@ def check_budgets(tok: Tokenizer, demos: Path, budgets: dict[str, int]) -> None:
     (samples cut at the budget are unfinished: never chosen in a pair, never a correct answer)."""
     lengths = [len(tok.encode_prompt_completion(prompt, completion)[1]) for _, prompt, completion in read_sft(demos)]
     p50, p99 = (float(np.percentile(lengths, q)) for q in (50, 99))
-    print(f"demonstrations: {len(lengths)}, answer tokens p50 {p50:.0f}, p99 {p99:.0f}, max {max(lengths)}")
+    logger.info(f"demonstrations: {len(lengths)}, answer tokens p50 {p50:.0f}, p99 {p99:.0f}, max {max(lengths)}")
     for name, budget in budgets.items():
         if budget < p99:
-            print(f"warning: {name} = {budget} is below the demonstrations' p99 length ({p99:.0f} tokens): "
-                  "many answers will be cut unfinished")
+            logger.warning(f"warning: {name} = {budget} is below the demonstrations' p99 length ({p99:.0f} "
+                           "tokens): many answers will be cut unfinished")
 
 
 def _pct(x: float) -> str:
@@ -226,21 +285,27 @@ def format_diff(c: dict[str, Any]) -> str:
     return f"{100 * c['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] p={format_p(c['p'])}"
 
 
-def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any]) -> str:
-    """Per split and task: each model's accuracy [95% CI], the paired differences (points) with their 95% CI
-    and exact McNemar p; then each model's no-answer and truncation rates."""
-    lines = ["| split | task | n | " + " | ".join(NAMES[r] for r in ROWS) + " | SFT - base | SFT+self-refine - SFT |",
-             "|---|---|---:|" + "---|" * (len(ROWS) + 2)]
-    rates = ["| split | task | " + " | ".join(f"{NAMES[r]}: no answer / cut" for r in ROWS) + " |",
-             "|---|---|" + "---|" * len(ROWS)]
+def comparison_label(a: str, b: str) -> str:
+    return f"{row_name(b)} - {row_name(a)}"
+
+
+def markdown_table(rows: dict[str, Any], comparisons: dict[str, Any], pairs: dict[str, tuple[str, str]]) -> str:
+    """Per split and task: each model's accuracy [95% CI], the paired differences `pairs` (points) with their
+    95% CI and exact McNemar p; then each model's no-answer and truncation rates."""
+    names = list(rows)
+    lines = ["| split | task | n | " + " | ".join(map(row_name, names)) + " | " +
+             " | ".join(comparison_label(a, b) for a, b in pairs.values()) + " |",
+             "|---|---|---:|" + "---|" * (len(names) + len(pairs))]
+    rates = ["| split | task | " + " | ".join(f"{row_name(r)}: no answer / cut" for r in names) + " |",
+             "|---|---|" + "---|" * len(names)]
     for split in SPLITS:
-        for task, first in rows[ROWS[0]][split].items():
-            cells = [format_cell(rows[r][split][task]) for r in ROWS]
-            diffs = [format_diff(comparisons[name][split][task]) for name in COMPARISONS]
+        for task, first in rows[names[0]][split].items():
+            cells = [format_cell(rows[r][split][task]) for r in names]
+            diffs = [format_diff(comparisons[name][split][task]) for name in pairs]
             lines.append(f"| {split} | {task} | {first['n']} | " + " | ".join(cells + diffs) + " |")
             rates.append(f"| {split} | {task} | " + " | ".join(
                 f"{_pct(rows[r][split][task]['no_answer_rate'])} / {_pct(rows[r][split][task]['truncation_rate'])}"
-                for r in ROWS) + " |")
+                for r in names) + " |")
     return "\n".join(lines + [""] + rates)
 
 
@@ -256,7 +321,19 @@ def config_parser(prog: str, doc: str | None, out: str, what: str) -> Parser:
     p.add_argument("--model", help="student model directory (instead of converting the packaged SmolLM2)")
     p.add_argument("--data-dir", help="fills {data_dir} in the config's paths")
     p.add_argument("--teacher", help="fills {teacher}: the teacher model directory of configs that sample one")
+    p.add_argument("--quiet", action="store_true", help="warnings and results only: no progress lines or bars")
+    p.add_argument("--verbose", action="store_true", help="also debugging detail: what loads where, each metrics "
+                   "record")
     return p
+
+
+def parse_args(p: Parser, argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with the logging level it asks for set."""
+    args = p.parse_intermixed_args(argv)
+    if args.quiet and args.verbose:
+        p.error("--quiet and --verbose contradict each other: give one")
+    set_level(args.quiet, args.verbose)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -266,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="set a config value, e.g. sft.lr=2e-4 dpo.beta=0.2 eval.in_domain.size=100 seed=1 "
                         "(checked like the file's keys, recorded in OUT/run.json)")
-    args = p.parse_intermixed_args(argv)
+    args = parse_args(p, argv)
     if args.seed is not None and args.seeds is not None:
         fail("give --seed or --seeds, not both")
     cfg = load_config(args)
@@ -283,11 +360,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.seeds is None:
         return pipelines[None].run()
     reports = {s: pl.run() for s, pl in pipelines.items()}
-    summary = seeds.across_seeds(reports, COMPARISONS)
+    pairs = pipelines[args.seeds[0]].comparisons
+    summary = seeds.across_seeds(reports, pairs)
     write_json(out / "report.json", {**summary, "per_seed": {s: str(d / "report.json") for s, d in dirs.items()},
                                      "total_seconds": round(sum(r["total_seconds"] for r in reports.values()), 1)})
-    print(seeds.markdown(summary, NAMES, COMPARISONS))
+    print(seeds.markdown(summary, row_name, pairs))
     print(f"report across seeds -> {out / 'report.json'}")
+    print(figures_line(out))
     return summary
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import Settings, checked_values, from_mapping, parse_override
 from .errors import fail
-from .flags import nonneg_int
+from .flags import nonneg_int, positive_int
 from .recipes.dpo import DPOConfig
 from .recipes.eval import EvalConfig
 from .recipes.rationales import RationalesConfig
@@ -23,7 +23,7 @@ SPLITS = ("in_domain", "out_of_domain")
 VALIDATION = "validation"  # optional: held-out training questions, what `selfrefine.sweep` chooses settings on
 REQUIRED = ("train", "sft", "sample", "dpo", "eval")
 _SAMPLING = frozenset({"model", "adapter", "out", "resume", "keep_correct", "demos_out", "from_rationales"})
-_DPO = frozenset({"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume"})
+_DPO = frozenset({"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume", "merge", "ref_model"})
 # section -> (the recipe config it becomes, the keys the pipeline sets itself)
 SECTIONS: dict[str, tuple[type[Settings], frozenset[str]]] = {
     "train": (RationalesConfig, frozenset({"demos_out"})),
@@ -36,7 +36,17 @@ SECTIONS: dict[str, tuple[type[Settings], frozenset[str]]] = {
     **{f"eval.{split}": (EvalConfig, frozenset({"model", "adapter", "out", "compare"}))
        for split in (*SPLITS, VALIDATION)},
 }
-TOP_KEYS = {"description": str, "seed": nonneg_int, "model": str, "gguf": str}
+ROUND_REFERENCES = ("previous", "sft")  # round r's DPO reference: the model of round r-1, or the SFT model
+
+
+def round_reference(text: str) -> str:
+    if text not in ROUND_REFERENCES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(ROUND_REFERENCES)}, got {text!r}")
+    return text
+
+
+TOP_KEYS = {"description": str, "seed": nonneg_int, "model": str, "gguf": str, "rounds": positive_int,
+            "round_reference": round_reference}
 SUB_SECTIONS = ("train", "teacher", "sft", "sample", "pairs", "dpo", "eval", "eval_options")
 
 
@@ -67,6 +77,13 @@ def check_config(cfg: Any, path: str) -> None:
     for key in cfg:
         if key not in TOP_KEYS and key not in SUB_SECTIONS:
             fail(f"the config: unknown key {key!r} (known: {', '.join(sorted([*TOP_KEYS, *SUB_SECTIONS]))})", path)
+    for key, ok in (("seed", lambda v: v >= 0), ("rounds", lambda v: v >= 1)):
+        if key in cfg and not (type(cfg[key]) is int and ok(cfg[key])):
+            fail(f"the config: {key} must be an integer {'>= 1' if key == 'rounds' else '>= 0'}, got {cfg[key]!r}",
+                 path)
+    if cfg.get("round_reference", "previous") not in ROUND_REFERENCES:
+        fail(f"the config: round_reference must be one of {', '.join(ROUND_REFERENCES)}, got "
+             f"{cfg['round_reference']!r}", path)
     if "task" not in cfg["train"]:
         fail("section train needs a 'task'", path)
     teacher = cfg.get("teacher", {"type": "rationales"})

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .errors import fail
 from .fingerprint import code_version, digest
 from .files import read_json, write_json
+from .log import logger
 
 
 def _why(old: dict, new: dict, force: bool) -> str:
@@ -74,24 +75,24 @@ class Stages:
         self.fingerprints[name] = fp
         if same and old["status"] == "done":
             self.seconds[name] = old.get("seconds", 0.0)
-            print(f"[{name}] up to date ({fp}), skipped")
+            logger.info(f"[{name}] up to date ({fp}), skipped")
             return fp
         if same:
-            print(f"[{name}] resuming its interrupted run ({fp})", flush=True)
+            logger.info(f"[{name}] resuming its interrupted run ({fp})")
         else:
             if old is None and any(p.exists() for p in outputs):  # not ours to delete, whatever --force says
                 fail(f"[{name}] {next(p for p in outputs if p.exists())} exists but was not made by this pipeline "
                      f"(no {record_path}): move it away or choose another --out")
             if old is not None:
-                print(f"[{name}] {_why(old, new, self.force)}: redoing it and what depends on it", flush=True)
+                logger.info(f"[{name}] {_why(old, new, self.force)}: redoing it and what depends on it")
             for p in outputs:
                 self._remove(p)
-            print(f"[{name}] ...", flush=True)
+            logger.info(f"[{name}] ...")
         write_json(record_path, {**new, "fingerprint": fp, "status": "running"})
         t0 = time.perf_counter()
         fn()
         gc.collect()
         self.seconds[name] = round(time.perf_counter() - t0, 1)
         write_json(record_path, {**new, "fingerprint": fp, "status": "done", "seconds": self.seconds[name]})
-        print(f"[{name}] {self.seconds[name]:.1f} s")
+        logger.info(f"[{name}] {self.seconds[name]:.1f} s")
         return fp

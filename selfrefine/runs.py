@@ -19,7 +19,7 @@ from .files import read_json, remove_stale_temps, write_json
 
 RUN_FILE = "run.json"
 # Flags that say how to run, not what to compute: changing them on resume is fine.
-NEUTRAL_KEYS = {"resume", "allow_config_change", "save_every", "report_to"}
+NEUTRAL_KEYS = {"resume", "allow_config_change", "save_every", "report_to", "quiet", "verbose"}
 
 
 def git_commit() -> str | None:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .attention import KVCache, SlotCache
 from .errors import fail
+from .log import quiet
 from .model import Transformer
 from .progress import progress_bar
 
@@ -391,6 +392,6 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
     if rows:
         generate_rows(model, prompts, rows, params, set(stop_ids), decode, batch_size, seed, on_row,
-                      log=tqdm.write if progress else None)
+                      log=tqdm.write if progress and not quiet() else None)
     bar.close()
     return results

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .recipes.eval import format_p, paired_answers
 from .tasks.stats import PairedComparison, paired_comparison
@@ -50,13 +50,13 @@ def pooled_comparison(reports: dict[int, dict[str, Any]], a: str, b: str, split:
     return paired_comparison(flags_a, flags_b)
 
 
-def markdown(summary: dict[str, Any], names: dict[str, str], comparisons: dict[str, tuple[str, str]]) -> str:
+def markdown(summary: dict[str, Any], name: Callable[[str], str], comparisons: dict[str, tuple[str, str]]) -> str:
     """Per split and task: each model's mean accuracy +- sd over seeds (min-max), then each pooled paired test."""
     rows = summary["rows"]
-    labels = [f"{names[b]} - {names[a]} (pooled)" for a, b in comparisons.values()]
+    labels = [f"{name(b)} - {name(a)} (pooled)" for a, b in comparisons.values()]
     lines = [f"seeds {', '.join(map(str, summary['seeds']))}: mean +- sd over seeds [min, max]; paired differences "
              "pooled over seeds and questions", "",
-             "| split | task | " + " | ".join(names[r] for r in rows) + " | " + " | ".join(labels) + " |",
+             "| split | task | " + " | ".join(map(name, rows)) + " | " + " | ".join(labels) + " |",
              "|---|---|" + "---|" * (len(rows) + len(comparisons))]
     first = next(iter(rows.values()))
     for split, tasks in first.items():

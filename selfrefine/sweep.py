@@ -23,12 +23,13 @@ from .config import parse_override
 from .errors import cli_main, fail
 from .files import read_json, write_json
 from .fingerprint import code_version, digest
-from .pipeline import Pipeline, check_paths, config_parser, format_cell, format_diff, load_config
+from .log import logger
+from .pipeline import (Pipeline, check_paths, config_parser, format_cell, format_diff, load_config, parse_args,
+                       row_name)
 from .pipeline_config import SPLITS, VALIDATION, apply_overrides, eval_specs
 from .recipes.eval import compare_predictions
 from .runs import describe
 
-ROWS = ("sft", "self_refine")
 RESULT_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate")
 
 
@@ -64,13 +65,16 @@ def check_held_out(pipeline: Pipeline, source: str) -> None:
 
 
 def measure(pipeline: Pipeline) -> dict[str, Any]:
-    """Train (stages up to date are reused), then both rows on the validation split, paired."""
+    """Train (stages up to date are reused), then SFT and every self-refine round on the validation split, each
+    round paired with SFT."""
     models = pipeline.train()
-    reports = {row: pipeline.evaluate(row, VALIDATION, *models[row]) for row in ROWS}
-    rows = {row: {t["task"]: {k: t[k] for k in RESULT_KEYS} for t in reports[row]} for row in ROWS}
-    paired = {task: asdict(cmp) for a, b in zip(reports["sft"], reports["self_refine"])
-              for task, cmp in compare_predictions(a["predictions"], b["predictions"])}
-    return {"rows": rows, "self_refine_vs_sft": paired, "stage_seconds": dict(pipeline.stages.seconds)}
+    names = pipeline.rows[1:]  # the base model is not what a sweep chooses
+    reports = {row: pipeline.evaluate(row, VALIDATION, *models[row]) for row in names}
+    rows = {row: {t["task"]: {k: t[k] for k in RESULT_KEYS} for t in reports[row]} for row in names}
+    paired = {f"{row}_vs_sft": {task: asdict(cmp) for a, b in zip(reports["sft"], reports[row])
+                                for task, cmp in compare_predictions(a["predictions"], b["predictions"])}
+              for row in names[1:]}
+    return {"rows": rows, "comparisons": paired, "stage_seconds": dict(pipeline.stages.seconds)}
 
 
 def score(variant: dict[str, Any], row: str) -> float:
@@ -79,25 +83,31 @@ def score(variant: dict[str, Any], row: str) -> float:
 
 
 def markdown(variants: list[dict[str, Any]], chosen: int) -> str:
-    lines = ["| variant | task | n | SFT | SFT+self-refine | SFT+self-refine - SFT | no answer / cut (SFT+SR) |",
-             "|---|---|---:|---|---|---|---|"]
+    """Per variant and task: SFT, then each self-refine round with its difference against SFT and its no-answer
+    and truncation rates."""
+    rounds = list(variants[0]["rows"])[1:]
+    lines = ["| variant | task | n | SFT | " + " | ".join(
+        f"{row_name(r)} | {row_name(r)} - SFT | no answer / cut" for r in rounds) + " |",
+             "|---|---|---:|---|" + "---|---|---|" * len(rounds)]
     for i, v in enumerate(variants):
         name = " ".join(v["settings"]) + (" **(chosen)**" if i == chosen else "")
-        for task, sr in v["rows"]["self_refine"].items():
-            lines.append(f"| {name} | {task} | {sr['n']} | {format_cell(v['rows']['sft'][task])} | {format_cell(sr)} | "
-                         f"{format_diff(v['self_refine_vs_sft'][task])} | "
-                         f"{100 * sr['no_answer_rate']:.1f}% / {100 * sr['truncation_rate']:.1f}% |")
+        for task, sft in v["rows"]["sft"].items():
+            cells = [f"{format_cell(v['rows'][r][task])} | {format_diff(v['comparisons'][f'{r}_vs_sft'][task])} | "
+                     f"{100 * v['rows'][r][task]['no_answer_rate']:.1f}% / "
+                     f"{100 * v['rows'][r][task]['truncation_rate']:.1f}%" for r in rounds]
+            lines.append(f"| {name} | {task} | {sft['n']} | {format_cell(sft)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = config_parser("python -m selfrefine.sweep", __doc__, "runs/sweep", "sweep.json")
-    p.add_argument("--select", choices=ROWS, default="self_refine",
-                   help="the row whose validation accuracy chooses the variant (default: self_refine)")
+    p.add_argument("--select", default="self_refine",
+                   help="the row whose validation accuracy chooses the variant: sft, self_refine (round 1) or "
+                        "self_refine_r<N> (default: self_refine)")
     p.add_argument("grid", nargs="+", metavar="section.key=v1,v2,...",
                    help="the values to try, e.g. dpo.lr=2e-5,5e-5 dpo.beta=0.1,0.5 (every combination; a single "
                         "value just sets it)")
-    args = p.parse_intermixed_args(argv)
+    args = parse_args(p, argv)
     args.overrides = []
     base = load_config(args)
     if not eval_specs(base, VALIDATION):
@@ -107,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     variants = [(v, apply_overrides(base, v, args.config)) for v in grid(args.grid)]  # all checked first
     pipelines = [Pipeline(cfg, args.config, out, seed, args.force) for _, cfg in variants]
+    if missing := [" ".join(v) for (v, _), pl in zip(variants, pipelines) if args.select not in pl.rows[1:]]:
+        fail(f"--select {args.select}: not a row of variant(s) {'; '.join(missing)} (rows: "
+             f"{', '.join(pipelines[0].rows[1:])})")
     check_paths(base, args.out)
     for pipeline in pipelines:  # a variant may change the questions (train.size, say)
         check_held_out(pipeline, args.config)
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for (settings, cfg), pipeline in zip(variants, pipelines):
         key = digest({"config": cfg, "seed": seed, "code": code_version()})
         if key not in done:
-            print(f"sweep: {' '.join(settings)}")
+            logger.info(f"sweep: {' '.join(settings)}")
             done[key] = {"settings": settings, "key": key, **measure(pipeline)}
         results.append(done[key])
         write_json(path, {"select": args.select, "variants": results, "chosen": None})

@@ -12,18 +12,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 
 from . import distributed
 from .errors import UserError, fail
-from .files import append_jsonl, atomic_write, drop_torn_tail, write_jsonl
+from .files import append_jsonl, atomic_write, drop_torn_tail, read_json, write_jsonl
+from .log import logger
 from .progress import progress_bar
+from .runs import RUN_FILE
 from .schedule import MicroBatchOrder, cosine_lr, total_steps
 
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
@@ -31,7 +36,9 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 BEST = "best.pt"  # the trainable weights with the lowest validation loss so far
 TENSORBOARD = "tensorboard"  # the event files of report_to="tensorboard"
-REPORT_TO = ("none", TENSORBOARD)
+WANDB = "wandb"
+WANDB_ID = "wandb_id"  # OUT's W&B run id, so that a resumed run goes on in the same W&B run
+REPORT_TO = ("none", TENSORBOARD, WANDB)
 
 
 @dataclass
@@ -50,7 +57,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast where native (`bf16_native`), else float16 + scaler on GPUs; float32
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
-    report_to: str = "none"  # "tensorboard": the metrics also as TensorBoard scalars in OUT/tensorboard/
+    report_to: str = "none"  # the metrics also as TensorBoard scalars (OUT/tensorboard/) or to a W&B run: `MetricsLog`
 
     def __post_init__(self) -> None:
         """The command-line flags are checked when parsed (`selfrefine.flags`); this guards library callers."""
@@ -64,8 +71,10 @@ class TrainConfig:
                 raise UserError(f"training setting {name} = {value!r} is out of range or not finite")
         if self.report_to not in REPORT_TO:
             raise UserError(f"training setting report_to = {self.report_to!r}: must be one of {', '.join(REPORT_TO)}")
-        if self.report_to == TENSORBOARD:
-            summary_writer()  # a missing package is refused with the config, not once training has started
+        if self.report_to == TENSORBOARD:  # a missing package is refused with the config, not once training started
+            summary_writer()
+        elif self.report_to == WANDB:
+            wandb_module()
 
 
 class Interrupted(Exception):
@@ -179,7 +188,7 @@ def _trim_metrics(out_dir: Path, step: int) -> None:
     there is no checkpoint yet), and a last line torn by a kill mid-append."""
     path = out_dir / METRICS
     if torn := drop_torn_tail(path):
-        print(f"{path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
+        logger.info(f"{path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
     if path.exists():
         lines = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
         write_jsonl(path, [r for r in lines if r.get("step", 0) <= step])
@@ -194,33 +203,71 @@ def summary_writer() -> type:
     return SummaryWriter
 
 
+def wandb_module() -> ModuleType:
+    """The wandb package; optional (the `tracking` extra), so imported only for --report-to wandb."""
+    try:
+        import wandb
+    except ImportError:
+        fail("--report-to wandb needs the wandb package: pip install wandb (or the tracking extra: "
+             "pip install '.[tracking]')")
+    return wandb
+
+
+def wandb_run(out_dir: Path, config: dict[str, Any]) -> Any:
+    """A W&B run in OUT, offline unless WANDB_MODE says otherwise (nothing leaves the machine unasked; `wandb sync
+    OUT/wandb/...` uploads later). Its id is kept in OUT/wandb_id, so a resumed run continues the same W&B run."""
+    id_file = out_dir / WANDB_ID
+    if id_file.exists():
+        run_id = id_file.read_text(encoding="utf-8").strip()
+    else:
+        run_id = uuid.uuid4().hex[:16]
+        with atomic_write(id_file) as f:
+            f.write(run_id)
+    return wandb_module().init(id=run_id, resume="allow", dir=str(out_dir), name=out_dir.name, config=config,
+                               mode=os.environ.get("WANDB_MODE", "offline"))
+
+
 class MetricsLog:
     """Where the metrics records go: each is a line of OUT/metrics.jsonl and, with report_to "tensorboard", one
-    scalar per key against its step in OUT/tensorboard/, for TensorBoard's curves. Only rank 0 writes. A run resumed
-    from step `start` purges the events logged after it, as `_trim_metrics` drops those lines."""
+    scalar per key against its step in OUT/tensorboard/, for TensorBoard's curves, or with "wandb" one `log` of the
+    record at its step in a W&B run (`wandb_run`) that has the run's settings as its config (`config`: those of
+    OUT/run.json when the recipe wrote one). Only rank 0 writes. A run resumed from step `start` purges the
+    TensorBoard events logged after it, as `_trim_metrics` drops those lines; W&B keeps its own and ignores a
+    record at a step it has passed."""
 
-    def __init__(self, out_dir: Path, report_to: str = "none", start: int = 0) -> None:
+    def __init__(self, out_dir: Path, report_to: str = "none", start: int = 0,
+                 config: dict[str, Any] | None = None) -> None:
         self.path = out_dir / METRICS
-        self.board = None
-        if report_to == TENSORBOARD and distributed.is_main():
+        self.board = self.wandb = None
+        if not distributed.is_main():
+            return
+        if report_to == TENSORBOARD:
             self.board = summary_writer()(str(out_dir / TENSORBOARD), purge_step=start + 1)
+        elif report_to == WANDB:
+            run_file = out_dir / RUN_FILE
+            self.wandb = wandb_run(out_dir, read_json(run_file)["config"] if run_file.exists() else config or {})
 
     def __call__(self, record: dict[str, float]) -> None:
         if not distributed.is_main():
             return
         append_jsonl(self.path, record)
+        logger.debug(f"{self.path}: {json.dumps(record)}")
         if self.board is not None:
             for name, value in record.items():
                 if name != "step":
                     self.board.add_scalar(name, value, record["step"])
             self.board.flush()  # as the jsonl line: the curves stay current, and a kill loses at most this record
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def __enter__(self) -> MetricsLog:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if self.board is not None:
             self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=0 if exc_type is None else 1)  # an interrupted or failed run shows as such
 
 
 def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any], step_fn: StepFn,
@@ -260,7 +307,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
         model.gradient_checkpointing = cfg.gradient_checkpointing
     last: dict[str, float] = {}
     t_start = time.perf_counter()
-    with _StopFlag() as stop, MetricsLog(out_dir, cfg.report_to, start) as log, progress_bar(
+    with _StopFlag() as stop, MetricsLog(out_dir, cfg.report_to, start, asdict(cfg)) as log, progress_bar(
             total=total, initial=start, desc=desc, dynamic_ncols=True, enabled=distributed.is_main()) as bar:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -308,7 +355,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], Any]
             if stopping and not done:
                 raise Interrupted(step + 1)
     if start >= total:
-        print(f"{desc}: already at step {start} of {total}; nothing to train")
+        logger.info(f"{desc}: already at step {start} of {total}; nothing to train")
     if validate is not None and (out_dir / BEST).exists():
         last.update(_keep_best(model, out_dir, desc))
     return last
@@ -358,7 +405,8 @@ def _keep_best(model: torch.nn.Module, out_dir: Path, desc: str) -> dict[str, fl
     """Loads BEST's weights into the model, the checkpoint the run keeps (the paper's stage-2 rule)."""
     best = torch.load(out_dir / BEST, map_location="cpu", weights_only=True)
     distributed.load_trainable(model, best["trainable"])
-    print(f"{desc}: keeping the weights of step {best['step']}, the lowest validation loss ({best['val_loss']:.4f})")
+    logger.info(f"{desc}: keeping the weights of step {best['step']}, the lowest validation loss "
+                f"({best['val_loss']:.4f})")
     return {"best_step": best["step"], "best_val_loss": best["val_loss"]}
 
 

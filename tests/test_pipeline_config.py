@@ -25,6 +25,10 @@ def test_tiny_config_passes_and_every_section_has_its_recipe():
     (lambda c: c.update(teacher={"type": "model", "model": "t", "sampling": {"temprature": 1}}),
      "tiny.json: section teacher.sampling: unknown key 'temprature'"),
     (lambda c: c.update(sfft={}), "tiny.json: the config: unknown key 'sfft'"),
+    (lambda c: c.update(rounds=0), "tiny.json: the config: rounds must be an integer >= 1, got 0"),
+    (lambda c: c.update(rounds="2"), "tiny.json: the config: rounds must be an integer >= 1, got '2'"),
+    (lambda c: c.update(round_reference="base"), "round_reference must be one of previous, sft, got 'base'"),
+    (lambda c: c["dpo"].update(ref_model="m"), "tiny.json: section dpo: key 'ref_model' is set by the pipeline"),
 ])
 def test_a_bad_key_or_value_names_file_section_and_key(change, message):
     cfg = copy.deepcopy(TINY)

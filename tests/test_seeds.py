@@ -44,7 +44,7 @@ def test_means_spreads_and_pooled_test(tmp_path: Path):
     assert pooled["n"] == 10 and pooled["only_b"] == 3 and pooled["only_a"] == 0
     assert pooled["p"] == pytest.approx(mcnemar_exact_p(0, 3)) == pytest.approx(0.25)
     assert pooled["diff"] == pytest.approx(paired_comparison(a0 + a1, b0 + b1).diff) == pytest.approx(0.3)
-    table = seeds.markdown(summary, pipeline.NAMES, {"self_refine_vs_sft": ("sft", "self_refine")})
+    table = seeds.markdown(summary, pipeline.row_name, {"self_refine_vs_sft": ("sft", "self_refine")})
     assert "| in_domain | arith | 50.0% +- 14.1 [40.0, 60.0] | 80.0% +- 0.0 [80.0, 80.0] | +30.0" in table
     assert "p=0.2500 (n=10)" in table
 

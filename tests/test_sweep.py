@@ -48,7 +48,7 @@ def test_sweep_reuses_shared_stages_measures_only_validation_and_resumes(tmp_pat
     scores = [v["rows"]["self_refine"]["arith"]["accuracy"] for v in saved["variants"]]
     assert saved["chosen"] == saved["variants"][scores.index(max(scores))]["settings"]
     for v in saved["variants"]:
-        assert v["rows"]["sft"]["arith"]["n"] == 5 and v["self_refine_vs_sft"]["arith"]["n"] == 5
+        assert v["rows"]["sft"]["arith"]["n"] == 5 and v["comparisons"]["self_refine_vs_sft"]["arith"]["n"] == 5
     report = json.loads((out / "eval" / "sft.validation.json").read_text())
     assert (report["split"], report["skip"], report["n"]) == ("train", 8, 5)
     assert "(chosen)" in printed and "chosen on eval.validation (self_refine)" in printed
@@ -67,6 +67,12 @@ def test_validation_overlapping_training_or_test_questions_is_refused(tmp_path: 
         sweep.main(["--config", str(write_config(tmp_path, validation)), "--out", str(out), "--model", str(model),
                     "dpo.lr=1e-2"])
     assert not out.exists()
+
+
+def test_select_must_be_a_row(tmp_path: Path):
+    with pytest.raises(UserError, match="--select self_refine_r2: not a row of variant"):
+        sweep.main(["--config", str(write_config(tmp_path)), "--out", str(tmp_path / "o"), "--select",
+                    "self_refine_r2", "dpo.lr=1e-2"])
 
 
 def test_a_config_without_validation_is_refused(tmp_path: Path):

@@ -366,6 +366,70 @@ def test_report_to_tensorboard_without_the_package_is_a_one_line_error(monkeypat
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails as without tensorboard
     with pytest.raises(UserError, match="--report-to tensorboard needs the tensorboard package: pip install"):
         TrainConfig(report_to="tensorboard")
-    with pytest.raises(UserError, match="report_to = 'wandb': must be one of none, tensorboard"):
+    with pytest.raises(UserError, match="report_to = 'mlflow': must be one of none, tensorboard, wandb"):
+        TrainConfig(report_to="mlflow")
+
+
+class FakeWandb:
+    """Stands in for the wandb module and its run: records init's arguments, each log(data, step) and finish."""
+
+    def __init__(self) -> None:
+        self.inits, self.logged, self.finished = [], [], []
+
+    def init(self, **kw: object) -> FakeWandb:
+        self.inits.append(kw)
+        return self
+
+    def log(self, data: dict[str, float], step: int) -> None:
+        self.logged.append((step, data))
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.finished.append(exit_code)
+
+
+def test_report_to_wandb_logs_every_record_at_its_step_offline_and_resumes_the_same_run(tmp_path: Path,
+                                                                                         monkeypatch):
+    """The W&B run gets run.json's settings once, each metrics.jsonl record at its step (val_loss included), is
+    finished at the end, stays offline unless WANDB_MODE says otherwise, and a resume continues it by its id."""
+    from selfrefine.recipes import sft
+    from tests.helpers import make_tiny_model_dir
+
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"What is {i} plus 3?", "completion": f"The answer is {i + 3}."})
+                             + "\n" for i in range(8)), encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["--model", str(make_tiny_model_dir(tmp_path / "model")), "--data", str(demos), "--out", str(out),
+            "--batch-size", "2", "--val-fraction", "0.25", "--report-to", "wandb"]
+    sft.main([*argv, "--max-steps", "2"])
+    (init,) = wandb.inits
+    run_id = (out / "wandb_id").read_text()
+    assert init == {"id": run_id, "resume": "allow", "dir": str(out), "name": "run", "mode": "offline",
+                    "config": json.loads((out / "run.json").read_text())["config"]}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert wandb.logged == [(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in lines]
+    assert [s for s, _ in wandb.logged] == [1, 2, 2] and "val_loss" in wandb.logged[-1][1]
+    assert wandb.finished == [0]
+    monkeypatch.setenv("WANDB_MODE", "online")
+    sft.main([*argv, "--max-steps", "3", "--resume", "--allow-config-change"])
+    assert wandb.inits[1]["id"] == run_id and wandb.inits[1]["mode"] == "online"
+    assert [s for s, _ in wandb.logged[3:]] == [3, 3] and wandb.finished == [0, 0]
+
+
+def test_report_to_wandb_writes_an_offline_run(tmp_path: Path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    model, data, collate, step = toy_problem()
+    cfg = TrainConfig(**{**CFG.__dict__, "max_steps": 2, "report_to": "wandb"})
+    train(model, data, collate, step, cfg, tmp_path, torch.device("cpu"))
+    run_id = (tmp_path / "wandb_id").read_text()
+    assert [p.name for p in (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")]
+
+
+def test_report_to_wandb_without_the_package_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # the import fails as without wandb
+    with pytest.raises(UserError, match="--report-to wandb needs the wandb package: pip install wandb"):
         TrainConfig(report_to="wandb")
     assert TrainConfig(report_to="none").report_to == "none"

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from .. import distributed
 from ..answers import Question, load_questions
 from ..checkpoint import config_dtype, load_model, save_model
-from ..config import Settings, setting
+from ..config import Settings, UsageError, parse, setting
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
+from ..log import logger, set_level
 from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, record_merge, refuse_merged_twice,
                     save_adapter)
 from ..tokenizer import CHAT_FORMATS, Tokenizer
@@ -23,7 +26,32 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 @dataclass
-class ModelOptions(Settings):
+class LogOptions(Settings):
+    """How much a script says (`selfrefine.log`): every script's flags, set by `parse_command_line`."""
+
+    quiet: bool = setting(False, "warnings and results only: no progress lines or bars")
+    verbose: bool = setting(False, "also debugging detail: what loads where, each metrics record")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # here, not in `check`: the subclasses' own checks replace it
+        if self.quiet and self.verbose:
+            raise UsageError("--quiet and --verbose contradict each other: give one")
+
+
+S = TypeVar("S", bound=LogOptions)
+
+
+def parse_command_line(cls: type[S], argv: list[str] | None, prog: str, description: str | None = None,
+                       formatter_class: type = argparse.HelpFormatter) -> S:
+    """A script's config from its command line (`config.parse`), with the messages set to its --quiet/--verbose.
+    Only here: a config built by a library caller (the pipeline) leaves the caller's level alone."""
+    cfg = parse(cls, argv, prog, description, formatter_class)
+    set_level(cfg.quiet, cfg.verbose)
+    return cfg
+
+
+@dataclass
+class ModelOptions(LogOptions):
     """Which model a recipe loads, where, and in what dtype."""
 
     model: str | None = setting(None, "Hugging Face model directory (config.json, *.safetensors, tokenizer.json)",
@@ -101,12 +129,14 @@ class TrainingOptions(ModelOptions):
     resume: bool = setting(False, "continue from OUT/checkpoint.pt", group=TRAINING)
     allow_config_change: bool = setting(False, "resume even if the settings differ", group=TRAINING)
     report_to: str = setting("none", "tensorboard: also write the metrics as TensorBoard scalars to OUT/tensorboard/ "
-                             "(needs the tensorboard package)", choices=list(REPORT_TO), group=TRAINING)
+                             "(needs the tensorboard package); wandb: also log them to a W&B run in OUT, offline "
+                             "unless WANDB_MODE is set (needs the wandb package)", choices=list(REPORT_TO),
+                             group=TRAINING)
 
     def check(self) -> None:
         if self.fsdp and not self.full:
             fail("--fsdp shards full fine-tuning; LoRA's few trainable weights need only DDP (drop --fsdp)")
-        self.train_config()  # its own checks too, before anything loads (--report-to tensorboard: the package)
+        self.train_config()  # its own checks too, before anything loads (--report-to tensorboard/wandb: the package)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
@@ -160,7 +190,9 @@ def load(opts: ModelOptions, training: bool = False,
     """Model (with --adapter applied; merged into the weights for training) and tokenizer (`tok` if already read)."""
     device = pick_device(opts.device)
     distributed.init(device)
-    model = load_model(opts.model, dtype=pick_dtype(opts.dtype, device, training), device=device)
+    dtype = pick_dtype(opts.dtype, device, training)
+    logger.debug(f"loading {opts.model} as {dtype} on {device}")
+    model = load_model(opts.model, dtype=dtype, device=device)
     tok = tok or Tokenizer.from_dir(opts.model, opts.chat_format)
     if tok.vocab_size > model.config.vocab_size:  # ids past the embedding table would crash (or read garbage on CUDA)
         fail(f"tokenizer.json has {tok.vocab_size} tokens but config.json's vocab_size is "
@@ -193,14 +225,14 @@ def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, b
     model = distributed.gathered_model(model)
     if model is not None and lora is not None:
         save_adapter(model, out / "adapter", lora, base_model=base)
-        print(f"adapter -> {out / 'adapter'}")
+        logger.info(f"adapter -> {out / 'adapter'}")
     if model is not None and (lora is None or merge):
         merged = merge_and_unload(model) if lora is not None else model
         dtype = config_dtype(base) if save_dtype == "auto" else save_dtype
         save_model(merged, out / "merged", tokenizer_from=base, dtype=dtype)
         if lora is not None:
             record_merge(out / "merged", base, out / "adapter")
-        print(f"merged model -> {out / 'merged'}")
+        logger.info(f"merged model -> {out / 'merged'}")
     distributed.barrier()  # ranks finish together: one leaving while rank 0 writes can abort its teardown
 
 

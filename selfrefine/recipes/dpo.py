@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..checkpoint import load_config
-from ..config import parse, setting
+from ..checkpoint import load_config, load_model
+from ..config import setting
 from ..data import EXPORT_FORMATS, TokenizedPair, collate_pairs, encode_pair, exported, record_messages
 from ..errors import fail
 from ..files import read_jsonl, write_jsonl
 from ..fingerprint import code_version, digest, model_digest
 from ..flags import fraction, nonneg_float, positive_float, positive_int
+from ..log import logger
 from ..lora import adapter_disabled
 from ..losses import dpo_loss, packed_sequence_logps, scored_positions
 from ..paths import check_outputs
@@ -27,8 +28,8 @@ from ..progress import progress_bar
 from ..runs import start_run
 from ..tokenizer import Tokenizer
 from ..trainer import autocast_context, held_out_loss, train
-from .common import (TRAINING, TrainingOptions, hold_out, load, make_trainable, refuse_past_context, run_training,
-                     save_outputs)
+from .common import (TRAINING, TrainingOptions, hold_out, load, make_trainable, parse_command_line,
+                     refuse_past_context, run_training, save_outputs)
 
 REF_CACHE = "reference_logps.jsonl"
 
@@ -60,6 +61,9 @@ class DPOConfig(TrainingOptions):
     nll_weight: float = setting(0.0, "weight of the NLL of the chosen answers (IRPO)", parse=nonneg_float, group=LOSS)
     average_logps: bool = setting(False, "mean instead of sum of token log-probs per answer", group=LOSS)
     precompute_ref: bool = setting(False, "score the reference once before training", group=LOSS)
+    ref_model: str | None = setting(None, "the reference: this model directory (frozen; the same tokenizer) instead "
+                                    "of --model (+ --adapter) itself, e.g. the SFT model in a later self-refine "
+                                    "round", group=LOSS)
     lr: float = setting(5e-5, "peak learning rate", parse=positive_float, group=TRAINING)
     lora_dropout: float = setting(0.0, "dropout on the LoRA input: must be 0 for DPO (policy and reference score "
                                   "with one network)", parse=fraction, group=TRAINING)
@@ -141,7 +145,7 @@ def build_pairs_from_samples(cfg: DPOConfig) -> list[dict]:
     samples = load_samples(cfg.samples, task=cfg.task)
     demos = load_demos(cfg.demos) if cfg.demos else []
     pairs, stats = build_pairs(samples, demos, cfg.strategy, cfg.pairs_per_question, cfg.seed, cfg.keep_truncated)
-    print(format_stats(stats))
+    logger.info(format_stats(stats))
     if not pairs:
         fail("no preference pairs could be built from these samples", cfg.samples)
     return pairs
@@ -180,7 +184,7 @@ def reference_key(cfg: DPOConfig, records: list[dict], device: torch.device) -> 
         "average_logps": cfg.average_logps,
         "dtype": cfg.dtype,
         "precision": cfg.precision,
-        "reference": "frozen-copy" if cfg.full else "adapter-off",
+        "reference": model_digest(cfg.ref_model) if cfg.ref_model else "frozen-copy" if cfg.full else "adapter-off",
         "device": device.type,
         "code": code_version(),
     })
@@ -226,8 +230,8 @@ def prepare_pairs(cfg: DPOConfig, tok: Tokenizer) -> tuple[list[tuple[int | None
         records, skipped = load_pairs(cfg.pairs)
         built = None
         if skipped["count"]:
-            print(f"skipped {skipped['count']} unusable pair(s): empty at lines {skipped['empty']}, "
-                  f"chosen == rejected at lines {skipped['identical']}")
+            logger.info(f"skipped {skipped['count']} unusable pair(s): empty at lines {skipped['empty']}, "
+                        f"chosen == rejected at lines {skipped['identical']}")
     else:  # the builder already dropped empty and identical pairs; pairs.jsonl is written once the run starts
         built = build_pairs_from_samples(cfg)
         records = [(None, r) for r in built]
@@ -237,23 +241,34 @@ def prepare_pairs(cfg: DPOConfig, tok: Tokenizer) -> tuple[list[tuple[int | None
                          for (line, _), p in zip(records, pairs)],
                         load_config(cfg.model).max_position_embeddings, "pair", source)
     if warning := truncation_warning(cut, cfg.max_len):
-        print(warning)
+        logger.warning(warning)
     return records, pairs, built
 
 
+def load_reference(path: str, model: torch.nn.Module, tok: Tokenizer, device: torch.device) -> torch.nn.Module:
+    """A frozen reference from its own directory, in the policy's dtype; its token ids must mean the policy's."""
+    if Tokenizer.from_dir(path).tok.get_vocab() != tok.tok.get_vocab():
+        fail("--ref-model has another tokenizer than --model: their log-probs would score different tokens",
+             Path(path) / "tokenizer.json")
+    dtype = next(model.parameters()).dtype
+    return load_model(path, dtype=dtype, device=device).eval().requires_grad_(False)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse(DPOConfig, argv, "train_dpo.py", __doc__))
+    return run(parse_command_line(DPOConfig, argv, "train_dpo.py", __doc__))
 
 
 def run(cfg: DPOConfig) -> dict:
     """Train; returns the last logged metrics."""
     check_outputs({"--model": cfg.model, "--adapter": cfg.adapter, "--pairs": cfg.pairs, "--samples": cfg.samples,
-                   "--demos": cfg.demos}, {"--out": cfg.out}, folders=["--out"])  # before anything loads
+                   "--demos": cfg.demos, "--ref-model": cfg.ref_model}, {"--out": cfg.out},
+                  folders=["--out"])  # before anything loads
     out_dir = Path(cfg.out)
     tok = Tokenizer.from_dir(cfg.model, cfg.chat_format)
     records, pairs, built = prepare_pairs(cfg, tok)
     model, tok, device = load(cfg, training=True, tok=tok)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.full else None
+    reference = load_reference(cfg.ref_model, model, tok, device) if cfg.ref_model else \
+        copy.deepcopy(model).eval().requires_grad_(False) if cfg.full else None
     lora = cfg.lora_config()
     make_trainable(model, lora, cfg.seed)
     _, commit = start_run(out_dir, asdict(cfg), cfg.resume, cfg.allow_config_change,  # after every check
@@ -268,7 +283,8 @@ def run(cfg: DPOConfig) -> dict:
     train_pairs, val = hold_out(pairs, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (pairs, [])  # file order
     if val and not cfg.precompute_ref:  # the reference never changes: score the held-out pairs once, not per pass
         score_reference(step, model, val, tok.pad_id, cfg.batch_size, cfg.precision)
-    print(f"DPO: {len(train_pairs)} train / {len(val)} val pairs, beta {cfg.beta}, loss {cfg.loss}, device {device}")
+    logger.info(f"DPO: {len(train_pairs)} train / {len(val)} val pairs, beta {cfg.beta}, loss {cfg.loss}, "
+                f"device {device}")
     collate = partial(collate_pairs, pad_id=tok.pad_id)
     validate = (lambda m: held_out_loss(m, val, collate, step, cfg.batch_size)) if val else None
     last = run_training(train, model, train_pairs, collate, step, cfg.train_config(), out_dir, device,

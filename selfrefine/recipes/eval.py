@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import distributed
 from ..answers import answer, encode_prompts, load_questions
-from ..config import UsageError, parse, setting
+from ..config import UsageError, setting
 from ..errors import fail
 from ..files import read_jsonl, remove_stale_temps, write_json, write_jsonl
 from ..flags import nonneg_int, positive_int
@@ -26,7 +26,7 @@ from ..sampling import SamplingParams
 from ..tasks import get_task, wilson_interval
 from ..tasks.prompts import TEMPLATES, instruction
 from ..tasks.stats import PairedComparison, paired_comparison
-from .common import ModelOptions, load
+from .common import ModelOptions, load, parse_command_line
 
 TASKS = "tasks"
 PREDICTION_KEYS = ("task", "id", "prompt", "completion", "finish_reason", "pred", "answer_found", "gold", "correct")
@@ -197,7 +197,7 @@ def comparison_line(task: str, c: PairedComparison) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | list[tuple[str, PairedComparison]]:
-    return run(parse(EvalConfig, argv, "eval.py", __doc__, argparse.RawDescriptionHelpFormatter))
+    return run(parse_command_line(EvalConfig, argv, "eval.py", __doc__, argparse.RawDescriptionHelpFormatter))
 
 
 def run(cfg: EvalConfig) -> dict | list[tuple[str, PairedComparison]]:

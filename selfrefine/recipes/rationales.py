@@ -11,6 +11,7 @@ from ..config import setting
 from ..data import EXPORT_FORMATS, exported
 from ..errors import fail
 from ..files import write_jsonl
+from ..log import logger
 from ..paths import check_outputs
 from ..tasks import demonstration
 from .common import QuestionOptions
@@ -40,5 +41,5 @@ def run(cfg: RationalesConfig) -> list[dict]:
     if not demos:
         fail(f"task {cfg.task} has no rationales to use as demonstrations", cfg.data)
     write_jsonl(cfg.demos_out, exported(demos, ("completion",), cfg.export_format))
-    print(f"{len(demos)} demonstrations from the data's rationales -> {cfg.demos_out}")
+    logger.info(f"{len(demos)} demonstrations from the data's rationales -> {cfg.demos_out}")
     return demos

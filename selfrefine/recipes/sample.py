@@ -11,16 +11,17 @@ from typing import Any, Callable
 
 from .. import distributed
 from ..answers import answer, encode_prompts
-from ..config import parse, setting
+from ..config import setting
 from ..data import EXPORT_FORMATS, exported
 from ..errors import fail
 from ..files import append_jsonl, drop_torn_tail, read_jsonl, remove_stale_temps, write_jsonl
 from ..fingerprint import path_digest
 from ..flags import nonneg_float, nonneg_int, positive_int, unit_interval
+from ..log import logger
 from ..paths import check_outputs
 from ..sampling import SamplingParams
 from . import rationales
-from .common import QUESTIONS, ModelOptions, QuestionOptions, load
+from .common import QUESTIONS, LogOptions, ModelOptions, QuestionOptions, load, parse_command_line
 
 PROMPT_TYPES = {"cot": ("cot",), "direct": ("direct",), "both": ("cot", "direct")}
 SAMPLING = "sampling"
@@ -60,7 +61,7 @@ class SampleConfig(QuestionOptions, ModelOptions):
 
     def check(self) -> None:
         if self.from_rationales:
-            allowed = set(rationales.RationalesConfig.field_map()) | {"from_rationales"}
+            allowed = {*rationales.RationalesConfig.field_map(), *LogOptions.field_map(), "from_rationales"}
             extra = [f.name for f in fields(self) if f.name not in allowed and getattr(self, f.name) != f.default]
             if extra:
                 fail(f"--from-rationales samples nothing; drop --{extra[0].replace('_', '-')}")
@@ -87,7 +88,7 @@ def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
     """Finished samples of an interrupted run, keyed by (prompt type, question index, sample index); a line torn
     by a kill or a full disk is dropped (and said), a changed input file or setting is refused by name."""
     if torn := drop_torn_tail(path):
-        print(f"{path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
+        logger.info(f"{path}: dropped a torn last line ({torn} bytes) left by an interrupted write")
     rows = read_jsonl(path, allow_empty=True)
     old = rows[0][1].get("_header", {}) if rows else {}
     for flag, digest in header["inputs"].items():
@@ -102,7 +103,8 @@ def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
 def partial_header(cfg: SampleConfig) -> dict:
     """What a partial file must have been made with to be resumed: the settings that change the samples, and
     the input files by content hash."""
-    header = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "no_progress", "batch_size")}
+    how = ("resume", "no_progress", "batch_size", "quiet", "verbose")  # how to run, not what is sampled
+    header = {k: v for k, v in asdict(cfg).items() if k not in how}
     return {**header, "inputs": {flag: path_digest(getattr(cfg, flag)) for flag in ("model", "adapter", "data")}}
 
 
@@ -131,7 +133,7 @@ def open_partial(cfg: SampleConfig, out: Path) -> tuple[Path, dict[tuple[str, in
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    return run(parse(SampleConfig, argv, "sample.py", __doc__))
+    return run(parse_command_line(SampleConfig, argv, "sample.py", __doc__))
 
 
 def run(cfg: SampleConfig) -> list[dict]:
@@ -191,4 +193,4 @@ def write_demos(records: list[dict], dest: Path, export_format: str = "default")
             seen.add(r["id"])
             demos.append({"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]})
     write_jsonl(dest, exported(demos, ("completion",), export_format))
-    print(f"{len(demos)} demonstrations (one correct cot answer per question) -> {dest}")
+    logger.info(f"{len(demos)} demonstrations (one correct cot answer per question) -> {dest}")

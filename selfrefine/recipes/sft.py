@@ -8,13 +8,14 @@ from functools import partial
 import torch
 
 from ..data import encode_sft, pad_batch, read_sft
-from ..config import parse, setting
-from ..paths import check_outputs
+from ..config import setting
+from ..log import logger
 from ..losses import packed_sft_loss, scored_positions
+from ..paths import check_outputs
 from ..runs import start_run
 from ..trainer import held_out_loss, train
-from .common import (TrainingOptions, hold_out, load, make_trainable, refuse_past_context, run_training,
-                     save_outputs)
+from .common import (TrainingOptions, hold_out, load, make_trainable, parse_command_line, refuse_past_context,
+                     run_training, save_outputs)
 
 
 @dataclass
@@ -37,7 +38,7 @@ def completion_tokens(batch: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse(SFTConfig, argv, "train_sft.py", __doc__))
+    return run(parse_command_line(SFTConfig, argv, "train_sft.py", __doc__))
 
 
 def run(cfg: SFTConfig) -> dict:
@@ -50,14 +51,16 @@ def run(cfg: SFTConfig) -> dict:
     refuse_past_context([(row[0], len(ex.input_ids)) for row, ex in zip(rows, examples)],
                         model.config.max_position_embeddings, "example", cfg.data)
     if n_trunc:
-        print(f"warning: {n_trunc} completion(s) cut at --max-len {cfg.max_len} (their end-of-turn token is lost)")
+        logger.warning(f"warning: {n_trunc} completion(s) cut at --max-len {cfg.max_len} (their end-of-turn token is "
+                       "lost)")
     lora = cfg.lora_config()
     make_trainable(model, lora, cfg.seed)
     out, commit = start_run(cfg.out, asdict(cfg), cfg.resume, cfg.allow_config_change,  # after every check
                             inputs={"model": cfg.model, "adapter": cfg.adapter, "data": cfg.data})
     train_set, val = hold_out(examples, cfg.val_fraction, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"SFT: {len(train_set)} train / {len(val)} val examples, {n_params:,} trainable parameters, device {device}")
+    logger.info(f"SFT: {len(train_set)} train / {len(val)} val examples, {n_params:,} trainable parameters, "
+                f"device {device}")
     collate = partial(pad_batch, pad_id=tok.pad_id)
     validate = (lambda m: held_out_loss(m, val, collate, sft_step, cfg.batch_size, completion_tokens)) if val else None
     last = run_training(train, model, train_set, collate, sft_step, cfg.train_config(), out, device,

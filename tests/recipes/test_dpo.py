@@ -20,6 +20,8 @@ from selfrefine.recipes import dpo
 from selfrefine.tokenizer import Tokenizer
 from selfrefine.trainer import TrainConfig, autocast_context, held_out_loss, train
 
+from tests.helpers import make_tiny_model_dir
+
 from .conftest import write_jsonl
 
 
@@ -73,6 +75,32 @@ def test_reference_weights_stay_bit_identical(tiny_dir: Path, pairs: Path, tmp_p
         assert torch.equal(params[n], p), n
     if full:  # the policy itself did move
         assert not torch.equal(dict(model.named_parameters())["model.norm.weight"], before["model.norm.weight"])
+
+
+def test_ref_model_is_the_reference(tiny_dir: Path, pairs: Path, tmp_path: Path):
+    """--ref-model scores the reference with its own weights: the policy's own directory gives exactly the
+    adapter-off run; another model (same tokenizer) gives step-0 rewards beta * (policy - reference) != 0."""
+    args = ["--model", str(tiny_dir), "--pairs", str(pairs), "--max-steps", "1", "--batch-size", "3", "--lora-r", "4"]
+    dpo.main(args + ["--out", str(tmp_path / "plain")])
+    dpo.main(args + ["--out", str(tmp_path / "self"), "--ref-model", str(tiny_dir)])
+    timing = {"tokens_per_s", "elapsed_s"}
+    scores = [{k: v for k, v in metrics(tmp_path / run)[0].items() if k not in timing} for run in ("self", "plain")]
+    assert scores[0] == scores[1] and "rewards/margin" in scores[0]
+    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    dpo.main(args + ["--out", str(tmp_path / "other_ref"), "--ref-model", str(other)])
+    first = metrics(tmp_path / "other_ref")[0]
+    assert first["rewards/chosen"] != 0.0 and first["rewards/rejected"] != 0.0
+
+
+def test_ref_model_with_another_tokenizer_is_refused(tiny_dir: Path, pairs: Path, tmp_path: Path):
+    other = make_tiny_model_dir(tmp_path / "other")
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    first = next(iter(vocab["model"]["vocab"]))
+    vocab["model"]["vocab"][first + "x"] = vocab["model"]["vocab"].pop(first)
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    with pytest.raises(UserError, match="another tokenizer"):
+        dpo.main(["--model", str(tiny_dir), "--pairs", str(pairs), "--out", str(tmp_path / "o"), "--ref-model",
+                  str(other)])
 
 
 def test_precomputed_reference_matches_on_the_fly(tiny_dir: Path, pairs: Path, tmp_path: Path):
