@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .pipeline_config import SPLITS, VALIDATION, apply_overrides, check_config, 
 from .plots import figures_line
 from .provenance import Stages
 from .recipes import dpo, eval as eval_recipe, rationales, sample, sft
+from .recipes.common import QuestionOptions
 from .recipes.eval import compare_predictions, format_p
 from .runs import describe
 from .tokenizer import Tokenizer
@@ -42,6 +43,7 @@ DEFAULT_CONFIG = CONFIGS / "demo.json"
 ROWS = ("base", "sft", "self_refine")  # one round; each further round r adds a row "self_refine_r<r>"
 COMPARISONS = {"sft_vs_base": ("base", "sft"), "self_refine_vs_sft": ("sft", "self_refine")}  # name: (A, B)
 NAMES = {"base": "base", "sft": "SFT", "self_refine": "SFT+self-refine"}
+QUESTION_KEYS = tuple(f.name for f in fields(QuestionOptions))  # which questions: task, data, split, size...
 CELL_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate", "predictions")
 ROUND_SEED_STRIDE = 1_000_000  # round r samples with seed + (r - 1) * this: fresh draws, never another seed's
 
@@ -115,13 +117,17 @@ class Pipeline:
         self.rows, self.comparisons = row_names(rounds), comparisons_of(rounds)
         # What each stage is run with (its config below; the provenance record of its options in `run`).
         self.options = {"sft": {"seed": seed, **cfg["sft"]}, "dpo": {"seed": seed, **cfg.get("pairs", {}), **cfg["dpo"]}}
-        self.rationales = recipe_config("train", train, source, demos_out=str(demos))
-        teacher = cfg.get("teacher", {"type": "rationales"})
-        self.teacher = None if teacher["type"] == "rationales" else recipe_config(
-            "teacher.sampling", {"seed": seed, **train, **teacher.get("sampling", {})}, source,
-            model=teacher["model"], out=str(out / "teacher_samples.jsonl"), keep_correct=True, demos_out=str(demos))
+        self.demos = self.teacher_config(train, demos, out / "teacher_samples.jsonl", source)
         self.sft = recipe_config("sft", self.options["sft"], source, model=str(self.base), data=str(demos),
                                  out=str(out / "sft"), merge=True)
+        # Cross-task self-refine: the sample section may name its own questions (task, data, split...); the teacher
+        # then gives demonstrations for those too, to stand in where the student got none right.
+        refine = {k: v for k, v in {**train, **cfg["sample"]}.items() if k in QUESTION_KEYS}
+        self.tasks = {"instruction": train["task"], "self_refine": refine["task"]}
+        same = all(refine.get(k) == train.get(k) for k in ("task", "data", "split", "data_seed"))  # size/limit: a prefix
+        self.refine_demos = None if same else self.teacher_config(
+            refine, out / "self_refine_demos.jsonl", out / "self_refine_teacher_samples.jsonl", source)
+        pair_demos = demos if self.refine_demos is None else out / "self_refine_demos.jsonl"
         self.rounds: list[Round] = []
         model = self.student
         for r in range(1, rounds + 1):
@@ -131,11 +137,21 @@ class Pipeline:
             ref = str(self.student) if r > 1 and cfg.get("round_reference") == "sft" else None
             self.rounds.append(Round(r, model, options, recipe_config(
                 "sample", options, source, model=str(model), prompt="both", out=str(samples)), recipe_config(
-                "dpo", self.options["dpo"], source, model=str(model), samples=str(samples), demos=str(demos),
-                task=train["task"], out=str(dpo_dir), merge=r < rounds, ref_model=ref)))
+                "dpo", self.options["dpo"], source, model=str(model), samples=str(samples), demos=str(pair_demos),
+                task=refine["task"], out=str(dpo_dir), merge=r < rounds, ref_model=ref)))
             model = dpo_dir / "merged"  # what the next round starts from
         self.evals = {split: self.eval_config(split, source) for split in (*SPLITS, VALIDATION)
                       if eval_specs(cfg, split)}
+
+    def teacher_config(self, questions: dict[str, Any], demos: Path, samples: Path,
+                       source: str) -> rationales.RationalesConfig | sample.SampleConfig:
+        """How the teacher writes demonstrations of `questions` into `demos`: the data set's rationales, or a
+        teacher model's correct chain-of-thought answers (its samples in `samples`)."""
+        teacher = self.cfg.get("teacher", {"type": "rationales"})
+        if teacher["type"] == "rationales":
+            return recipe_config("train", questions, source, demos_out=str(demos))
+        return recipe_config("teacher.sampling", {"seed": self.seed, **questions, **teacher.get("sampling", {})},
+                             source, model=teacher["model"], out=str(samples), keep_correct=True, demos_out=str(demos))
 
     def eval_config(self, split: str, source: str) -> eval_recipe.EvalConfig:
         """A split's evaluation (the model and report path are set per row): each task with its data file."""
@@ -153,7 +169,9 @@ class Pipeline:
     def train(self) -> dict[str, tuple[Path, Path | None, dict[str, str]]]:
         """Every training stage brought up to date; each row's (model, adapter, fingerprints) to evaluate."""
         base_fp = self.convert()
-        demos_fp = self.demonstrations()
+        demos_fp = self.demonstrations("demos", self.demos)
+        pair_demos_fp = demos_fp if self.refine_demos is None else \
+            self.demonstrations("self_refine_demos", self.refine_demos)
         check_budgets(Tokenizer.from_dir(self.base, self.sft.chat_format), Path(self.sft.data), self.sft_budgets())
         sft_fp = self.stages.run("sft", lambda: sft.run(resumed(self.sft)), outputs=[Path(self.sft.out)],
                                  options=self.options["sft"], inputs={"base": base_fp, "demos": demos_fp})
@@ -168,7 +186,7 @@ class Pipeline:
             dpo_fp = self.stages.run(f"dpo{tag}", lambda rd=rd: dpo.run(resumed(rd.dpo)), outputs=[Path(rd.dpo.out)],
                                      options={**self.options["dpo"], "task": rd.dpo.task, "merge": rd.dpo.merge,
                                               "reference": "sft" if rd.dpo.ref_model else "previous"},
-                                     inputs={"model": start_fp, "samples": samples_fp, "demos": demos_fp,
+                                     inputs={"model": start_fp, "samples": samples_fp, "demos": pair_demos_fp,
                                              "sft": sft_fp})
             models[round_row(rd.number)] = (rd.model, Path(rd.dpo.out) / "adapter",
                                             {"model": start_fp, "adapter": dpo_fp})
@@ -185,18 +203,18 @@ class Pipeline:
         return self.stages.run("convert", lambda: convert(gguf, self.base), outputs=[self.base],
                                options={"gguf": str(gguf)}, inputs={"gguf": path_digest(gguf)})
 
-    def demonstrations(self) -> str:
-        """Stage 1's data: the data set's rationales, or a teacher model's correct chain-of-thought answers."""
-        train, demos = self.cfg["train"], Path(self.sft.data)
-        teacher = self.cfg.get("teacher", {"type": "rationales"})
-        data_fp = path_digest(train.get("data"))
-        if self.teacher is None:
-            return self.stages.run("demos", lambda: rationales.run(self.rationales), outputs=[demos],
-                                   options={"train": train, "teacher": teacher}, inputs={"data": data_fp})
-        return self.stages.run("demos", lambda: sample.run(resumed_sampling(self.teacher)),
-                               outputs=[demos, *with_partials(Path(self.teacher.out))],
-                               options={"train": train, "teacher": teacher, "seed": self.seed},
-                               inputs={"data": data_fp, "teacher": model_digest(self.teacher.model)})
+    def demonstrations(self, stage: str, cfg: rationales.RationalesConfig | sample.SampleConfig) -> str:
+        """Demonstrations (stage 1's data; a cross-task self-refine's stand-ins) from `teacher_config`'s config."""
+        questions = {k: getattr(cfg, k) for k in QUESTION_KEYS}
+        options = {"train": questions, "teacher": self.cfg.get("teacher", {"type": "rationales"})}
+        data_fp = path_digest(cfg.data)
+        if isinstance(cfg, rationales.RationalesConfig):
+            return self.stages.run(stage, lambda: rationales.run(cfg), outputs=[Path(cfg.demos_out)],
+                                   options=options, inputs={"data": data_fp})
+        return self.stages.run(stage, lambda: sample.run(resumed_sampling(cfg)),
+                               outputs=[Path(cfg.demos_out), *with_partials(Path(cfg.out))],
+                               options={**options, "seed": self.seed},
+                               inputs={"data": data_fp, "teacher": model_digest(cfg.model)})
 
     def sft_budgets(self) -> dict[str, int]:
         """The answer budgets that the demonstrations' lengths should fit in."""
@@ -230,10 +248,11 @@ class Pipeline:
                 comparisons[name][split] = {task: asdict(cmp) for ta, tb in pairs
                                             for task, cmp in compare_predictions(ta["predictions"], tb["predictions"])}
         stages = self.stages
-        report = {"rows": rows, "comparisons": comparisons, "stage_seconds": stages.seconds,
+        report = {"tasks": self.tasks, "rows": rows, "comparisons": comparisons, "stage_seconds": stages.seconds,
                   "total_seconds": round(sum(stages.seconds.values()), 1), "fingerprints": stages.fingerprints,
                   "seed": self.seed, "config": self.cfg}
         write_json(self.out / "report.json", report)
+        print(f"instruction-tuned on {self.tasks['instruction']}, self-refined on {self.tasks['self_refine']}")
         print(markdown_table(rows, comparisons, self.comparisons))
         print(f"total {report['total_seconds']:.0f} s of stage time; report -> {self.out / 'report.json'}")
         print(figures_line(self.out))

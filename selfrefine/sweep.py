@@ -46,9 +46,9 @@ def grid(items: list[str]) -> list[list[str]]:
 
 
 def question_texts(pipeline: Pipeline, split: str) -> set[str]:
-    """The chain-of-thought prompts of a split's questions (the training questions for split "train")."""
+    """The chain-of-thought prompts of a split's questions ("train": those instruction-tuned and self-refined on)."""
     if split == "train":
-        return {q.prompts["cot"] for q in pipeline.rationales.questions("train")[0]}
+        return {q.prompts["cot"] for c in (pipeline.demos, pipeline.rounds[0].sample) for q in c.questions("train")[0]}
     cfg = pipeline.evals[split]
     return {q.prompts["cot"] for name, path in cfg.task_data()
             for q in load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit, cfg.skip)[0]}

@@ -117,6 +117,23 @@ def test_two_rounds_sample_with_the_last_model_and_compare_every_round(tmp_path:
     assert "| SFT+self-refine round 2 - SFT+self-refine |" in capsys.readouterr().out
 
 
+def test_cross_task_self_refine_on_other_questions(tmp_path: Path, capsys):
+    """The sample section names its own questions (arith_ood's dev split after instruction-tuning on arith): the
+    teacher writes demonstrations for them too, the pairs are built on them, and the report names both tasks."""
+    model = make_tiny_model_dir(tmp_path / "model")
+    config, out = tmp_path / "tiny.json", tmp_path / "run"
+    config.write_text(json.dumps({**TINY, "sample": {**TINY["sample"], "task": "arith_ood", "split": "dev"}}))
+    report = pipeline.main(["--config", str(config), "--out", str(out), "--model", str(model)])
+    assert report["tasks"] == {"instruction": "arith", "self_refine": "arith_ood"}
+    assert {"demos", "self_refine_demos"} <= set(report["stage_seconds"])
+    sft_ids = {json.loads(l)["id"] for l in (out / "demos.jsonl").read_text().splitlines()}
+    pairs = [json.loads(l) for l in (out / "dpo" / "pairs.jsonl").read_text().splitlines()]
+    assert all(i.startswith("arith-train-") for i in sft_ids) and pairs
+    assert all(p["id"].startswith("arith_ood-dev-") for p in pairs)
+    assert {p["chosen_source"] for p in pairs} == {"teacher"}  # the tiny model is never right: the stand-ins
+    assert "instruction-tuned on arith, self-refined on arith_ood" in capsys.readouterr().out
+
+
 def test_budget_below_the_demonstrations_p99_warns(tmp_path: Path, capsys):
     model = make_tiny_model_dir(tmp_path / "model")
     demos = tmp_path / "demos.jsonl"
