@@ -26,6 +26,11 @@ grade is wrong anyway), and as a rejected answer it is dropped by default, since
 is not the contrast the method teaches. With `keep_truncated` it may be rejected, and the pair says so
 (`rejected_truncated`), so that it is encoded without the end-of-turn token the student never produced.
 
+The pair's prompt is the CoT prompt the answers were sampled with, or (`prompt_type` "direct") the question's
+direct prompt: trained on the plain question, the preferred style becomes reasoning without being asked for it
+(one reading of the paper's "move the default style towards the CoT style"). A question without a direct sample
+then has no direct prompt and is skipped.
+
 Texts are compared after normalising whitespace and case: duplicate completions of one source are kept
 once, a pair whose chosen and rejected are the same text is dropped, and so is a pair equal to one
 already kept (the same text can be both a wrong CoT answer and a direct answer).
@@ -71,7 +76,7 @@ def _new_stats(strategy: str, pairs_per_question: int, seed: int) -> dict:
         "chosen_source": {"student_cot": 0, "teacher": 0},
         "rejected_source": {"wrong_cot": 0, "direct": 0},
         "truncated_samples": 0, "rejected_truncated": 0,
-        "skipped_questions": {"no_chosen": 0, "no_rejected": 0, "only_identical": 0},
+        "skipped_questions": {"no_chosen": 0, "no_rejected": 0, "only_identical": 0, "no_direct_prompt": 0},
         "dropped": {"truncated": 0, "empty_completions": 0, "duplicate_completions": 0, "identical_pairs": 0,
                     "duplicate_pairs": 0},
     }
@@ -139,7 +144,7 @@ def _choose(candidates: list[tuple[int, str, str, str, str]], k: int, rng: rando
 
 
 def build_pairs(samples: list[dict], demos: list[dict], strategy: str = "paper", pairs_per_question: int = 1,
-                seed: int = 0, keep_truncated: bool = False) -> tuple[list[dict], dict]:
+                seed: int = 0, keep_truncated: bool = False, prompt_type: str = "cot") -> tuple[list[dict], dict]:
     """Pair records {id, prompt, chosen, rejected, chosen_source, rejected_source} and counts of what was
     used and skipped (see the module docstring for the strategies). Questions are those in `samples`, in
     first-seen order; a demonstration whose question has no samples is not used."""
@@ -165,6 +170,11 @@ def build_pairs(samples: list[dict], demos: list[dict], strategy: str = "paper",
         if demo and cot_prompts and demo["prompt"].strip() != cot_prompts[0].strip():
             fail(f"question {qid!r}: the demonstration's prompt differs from the CoT prompt of its samples")
         prompt = cot_prompts[0] if cot_prompts else demo["prompt"] if demo else None
+        if prompt_type == "direct":
+            prompt = next((r["prompt"] for r in recs if r["prompt_type"] == "direct"), None)
+            if prompt is None:
+                stats["skipped_questions"]["no_direct_prompt"] += 1
+                continue
         stats["truncated_samples"] += sum(r["finish_reason"] == "length" for r in recs)
         cut: set[str] = set()
         pools = _pools(recs, demo, keep_truncated, dropped, cut)

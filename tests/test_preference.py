@@ -60,7 +60,18 @@ def test_paper_strategy(records):
     assert stats["questions"] == 5 and stats["questions_with_pairs"] == 3 and stats["pairs"] == 3
     assert stats["chosen_source"] == {"student_cot": 2, "teacher": 1}
     assert stats["rejected_source"] == {"wrong_cot": 2, "direct": 1}
-    assert stats["skipped_questions"] == {"no_chosen": 1, "no_rejected": 1, "only_identical": 0}
+    assert stats["skipped_questions"] == {"no_chosen": 1, "no_rejected": 1, "only_identical": 0, "no_direct_prompt": 0}
+
+
+def test_direct_pair_prompt_trains_the_same_answers_on_the_plain_question(records):
+    """prompt_type "direct": the same chosen and rejected answers, under the question's direct prompt; a question
+    without a direct sample (q4 and q5 here) has no such prompt and is skipped."""
+    cot, _ = build_pairs(*records)
+    direct, stats = build_pairs(*records, prompt_type="direct")
+    assert [p["prompt"] for p in direct] == [DIRECT.format(p["id"]) for p in cot]
+    assert [{k: v for k, v in p.items() if k != "prompt"} for p in direct] == \
+        [{k: v for k, v in p.items() if k != "prompt"} for p in cot]
+    assert stats["skipped_questions"]["no_direct_prompt"] == 2  # q4 and q5: no direct sample
 
 
 def test_correct_direct_answer_is_rejected_under_paper():
@@ -71,7 +82,7 @@ def test_correct_direct_answer_is_rejected_under_paper():
 def test_correct_vs_wrong_strategy(records):
     pairs, stats = build_pairs(*records, strategy="correct-vs-wrong")
     assert [(p["id"], *triple(p)) for p in pairs] == [("q1", "student_cot", "wrong_cot", "2+2=5. The answer is 5.")]
-    assert stats["skipped_questions"] == {"no_chosen": 2, "no_rejected": 2, "only_identical": 0}
+    assert stats["skipped_questions"] == {"no_chosen": 2, "no_rejected": 2, "only_identical": 0, "no_direct_prompt": 0}
     assert stats["chosen_source"]["teacher"] == 0
 
 

@@ -49,6 +49,9 @@ class DPOConfig(TrainingOptions):
     pairs_per_question: int = setting(1, "pairs built per question", parse=positive_int, group=PAIRS)
     keep_truncated: bool = setting(False, "reject samples cut at the token limit (encoded without an end-of-turn "
                                    "token) instead of dropping them; they are never chosen", group=PAIRS)
+    pair_prompt: str = setting("cot", "the prompt of the pairs built from --samples: the CoT prompt the answers were "
+                               "sampled with, or the direct one (the plain question: reasoning becomes the default "
+                               "answer)", choices=["cot", "direct"], group=PAIRS)
     task: str | None = setting(None, "refuse a samples file of another task", group=PAIRS)
     export_format: str = setting("default", "form of the pairs built from --samples (OUT/pairs.jsonl): ours, or TRL's "
                                  "conversational one (prompt and answers as chat messages)", choices=EXPORT_FORMATS,
@@ -79,6 +82,8 @@ class DPOConfig(TrainingOptions):
             fail("--lora-dropout must be 0 for DPO: policy and reference must score with the same network")
         if not self.pairs and not self.samples:
             fail("give --pairs, or --samples (and --demos) to build them")
+        if self.pairs and self.pair_prompt != "cot":
+            fail("--pair-prompt applies to the pairs built from --samples; --pairs already have their prompts")
         if self.pairs and self.export_format != "default":
             fail("--export-format is the form of the pairs built from --samples; --pairs are read, not written")
 
@@ -144,7 +149,8 @@ def build_pairs_from_samples(cfg: DPOConfig) -> list[dict]:
     """Pairs from --samples (and --demos), checked before anything is written."""
     samples = load_samples(cfg.samples, task=cfg.task)
     demos = load_demos(cfg.demos) if cfg.demos else []
-    pairs, stats = build_pairs(samples, demos, cfg.strategy, cfg.pairs_per_question, cfg.seed, cfg.keep_truncated)
+    pairs, stats = build_pairs(samples, demos, cfg.strategy, cfg.pairs_per_question, cfg.seed, cfg.keep_truncated,
+                               cfg.pair_prompt)
     logger.info(format_stats(stats))
     if not pairs:
         fail("no preference pairs could be built from these samples", cfg.samples)
