@@ -34,3 +34,8 @@ def pipeline() -> None:
 def sweep() -> None:
     from .sweep import main
     cli_main(main)
+
+
+def study() -> None:
+    from .study import main
+    cli_main(main)

@@ -38,6 +38,20 @@ def new_figure(nrows: int, ncols: int, panel: tuple[float, float]) -> tuple[Figu
     return fig, list(fig.subplots(nrows, ncols, squeeze=False).flat)
 
 
+def split_tasks(row: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (split, task) cells of a report row: one panel each (tasks are never pooled)."""
+    return [(split, task) for split, tasks in row.items() for task in tasks]
+
+
+def cell_panels(n: int, panel: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    """`n` panels, three to a row, the unused places of the last row removed."""
+    ncols = min(n, 3)
+    fig, axes = new_figure(-(-n // ncols), ncols, panel)
+    for ax in axes[n:]:
+        ax.remove()
+    return fig, axes[:n]
+
+
 def report_figure(report: dict[str, Any], path: str | os.PathLike) -> Figure:
     """One panel per (split, task): accuracy of each model with its 95% interval (one seed), or the mean over
     seeds with min-max bars and each seed as a dot (an across-seeds report), so a reader sees the spread
@@ -45,12 +59,8 @@ def report_figure(report: dict[str, Any], path: str | os.PathLike) -> Figure:
     from .pipeline import row_name  # here, not at the top: the pipeline imports this module
 
     rows, tests = report["rows"], report.get("comparisons") or report["pooled"]
-    first = next(iter(rows.values()))
-    cells = [(split, task) for split, tasks in first.items() for task in tasks]
-    ncols = min(len(cells), 3)
-    fig, axes = new_figure(-(-len(cells) // ncols), ncols, (1.2 + 1.2 * len(rows), 3.6))
-    for ax in axes[len(cells):]:
-        ax.remove()
+    cells = split_tasks(next(iter(rows.values())))
+    fig, axes = cell_panels(len(cells), (1.2 + 1.2 * len(rows), 3.6))
     for ax, (split, task) in zip(axes, cells):
         stats = [row[split][task] for row in rows.values()]
         test = tests[COMPARISON][split][task]
@@ -72,6 +82,32 @@ def report_figure(report: dict[str, Any], path: str | os.PathLike) -> Figure:
         lo, hi = test["ci95"]
         ax.set_title(f"{split} / {task} ({n})\nSFT+self-refine - SFT: {100 * test['diff']:+.1f} pts "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}], p={format_p(test['p'])}", fontsize=9)
+    fig.savefig(path, dpi=100)
+    return fig
+
+
+def study_figure(variants: list[dict[str, Any]], path: str | os.PathLike) -> Figure | None:
+    """A study (`selfrefine.study`): one panel per (split, task), SFT and SFT+self-refine accuracy with their 95%
+    intervals against the variant, so a trend (over the number of demonstrations, say) reads at a glance. None,
+    and nothing written, without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from .pipeline import row_name  # here, not at the top: the pipeline imports this module
+
+    cells = split_tasks(variants[0]["rows"]["sft"])
+    fig, axes = cell_panels(len(cells), (1.5 + 0.9 * len(variants), 3.6))
+    for ax, (split, task) in zip(axes, cells):
+        for i, row in enumerate(("sft", "self_refine")):
+            stats = [v["rows"][row][split][task] for v in variants]
+            acc = [s["accuracy"] for s in stats]
+            err = [[a - s["ci95"][0] for a, s in zip(acc, stats)], [s["ci95"][1] - a for a, s in zip(acc, stats)]]
+            x = [j + 0.08 * (i - 0.5) for j in range(len(variants))]  # side by side, not on top of each other
+            ax.errorbar(x, acc, yerr=err, fmt="o-", capsize=3, label=row_name(row))
+        ax.set_xticks(range(len(variants)), [" ".join(v["settings"]) for v in variants], rotation=20, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{split} / {task} (n={variants[0]['rows']['sft'][split][task]['n']})", fontsize=9)
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     return fig
 

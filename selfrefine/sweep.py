@@ -13,6 +13,7 @@ A variant already there, measured under the same config and code, is not run aga
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from dataclasses import asdict
 from pathlib import Path
@@ -43,6 +44,27 @@ def grid(items: list[str]) -> list[list[str]]:
         keys.append(key)
         values.append(text.split(","))
     return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*values)]
+
+
+def variant_pipelines(args: argparse.Namespace) -> tuple[dict[str, Any], int, list[tuple[list[str], dict[str, Any]]],
+                                                          list[Pipeline]]:
+    """The config, the seed, and each variant of the grid (its settings, its config) with its Pipeline into OUT:
+    every one built, and so checked, before the first stage runs."""
+    args.overrides = []
+    base = load_config(args)
+    seed = args.seed if args.seed is not None else base.get("seed", 0)
+    variants = [(v, apply_overrides(base, v, args.config)) for v in grid(args.grid)]
+    return base, seed, variants, [Pipeline(cfg, args.config, Path(args.out), seed, args.force) for _, cfg in variants]
+
+
+def variant_key(cfg: dict[str, Any], seed: int) -> str:
+    """What a measured variant stands for: its whole config, the seed and the code (a change measures it again)."""
+    return digest({"config": cfg, "seed": seed, "code": code_version()})
+
+
+def measured(path: Path, force: bool) -> dict[str, dict[str, Any]]:
+    """The variants already in OUT's results file, by key (none with --force)."""
+    return {v["key"]: v for v in (read_json(path)["variants"] if path.exists() and not force else [])}
 
 
 def question_texts(pipeline: Pipeline, split: str) -> set[str]:
@@ -108,15 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="the values to try, e.g. dpo.lr=2e-5,5e-5 dpo.beta=0.1,0.5 (every combination; a single "
                         "value just sets it)")
     args = parse_args(p, argv)
-    args.overrides = []
-    base = load_config(args)
+    base, seed, variants, pipelines = variant_pipelines(args)
     if not eval_specs(base, VALIDATION):
         fail(f"a sweep measures on eval.{VALIDATION} (held-out training questions, e.g. "
              '{"task": "arith", "split": "train", "skip": 400, "size": 300}); the config has none', args.config)
-    seed = args.seed if args.seed is not None else base.get("seed", 0)
     out = Path(args.out)
-    variants = [(v, apply_overrides(base, v, args.config)) for v in grid(args.grid)]  # all checked first
-    pipelines = [Pipeline(cfg, args.config, out, seed, args.force) for _, cfg in variants]
     if missing := [" ".join(v) for (v, _), pl in zip(variants, pipelines) if args.select not in pl.rows[1:]]:
         fail(f"--select {args.select}: not a row of variant(s) {'; '.join(missing)} (rows: "
              f"{', '.join(pipelines[0].rows[1:])})")
@@ -126,10 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", describe(base, overrides=args.grid, config_file=args.config))
     path = out / "sweep.json"
-    done = {v["key"]: v for v in (read_json(path)["variants"] if path.exists() and not args.force else [])}
+    done = measured(path, args.force)
     results = []
     for (settings, cfg), pipeline in zip(variants, pipelines):
-        key = digest({"config": cfg, "seed": seed, "code": code_version()})
+        key = variant_key(cfg, seed)
         if key not in done:
             logger.info(f"sweep: {' '.join(settings)}")
             done[key] = {"settings": settings, "key": key, **measure(pipeline)}

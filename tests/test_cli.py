@@ -19,7 +19,7 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def test_console_scripts_point_at_callables():
-    assert set(PROJECT["scripts"]) == {f"selfrefine-{n}" for n in ("sft", "dpo", "sample", "eval", "pipeline", "sweep")}
+    assert set(PROJECT["scripts"]) == {f"selfrefine-{n}" for n in ("sft", "dpo", "sample", "eval", "pipeline", "sweep", "study")}
     for target in PROJECT["scripts"].values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
