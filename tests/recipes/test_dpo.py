@@ -214,6 +214,21 @@ def test_built_pairs_exported_for_trl_read_back_identically(tiny_dir: Path, tmp_
         dpo.DPOConfig(model="m", out="o", pairs="p.jsonl", export_format="trl")
 
 
+def test_pair_prompt_direct_builds_the_pairs_under_the_direct_prompt(tiny_dir: Path, tmp_path: Path):
+    """--pair-prompt direct: the CoT samples' answers, paired under the question's direct prompt; refused with
+    --pairs, whose prompts are already written."""
+    records = sample_records(2)
+    direct = [{**r, "prompt_type": "direct", "sample": 9, "prompt": r["prompt"] + " Answer directly.",
+               "completion": "The answer is 7.", "pred": "7", "correct": False} for r in records if r["sample"] == 0]
+    samples = write_jsonl(tmp_path / "samples.jsonl", records + direct)
+    built = {p: dpo.build_pairs_from_samples(dpo.DPOConfig(model=str(tiny_dir), samples=str(samples), out="o",
+                                                           pair_prompt=p)) for p in ("cot", "direct")}
+    assert [b["prompt"] for b in built["direct"]] == [f"What is {i} plus 1? Answer directly." for i in range(2)]
+    assert [(b["chosen"], b["rejected"]) for b in built["direct"]] == [(b["chosen"], b["rejected"]) for b in built["cot"]]
+    with pytest.raises(UserError, match="--pair-prompt applies to the pairs built from --samples"):
+        dpo.DPOConfig(model="m", out="o", pairs="p.jsonl", pair_prompt="direct")
+
+
 # ---- pairs longer than --max-len ---------------------------------------------------------------------------
 
 def test_fit_pair_cuts_prompt_start_first_then_answer_ends():
