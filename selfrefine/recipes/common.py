@@ -150,8 +150,10 @@ class TrainingOptions(ModelOptions):
 
 
 def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, validation): a seeded random `fraction` of `items` held out, the rest in that random order."""
-    n_val = int(len(items) * fraction)
+    """(train, validation): a seeded random `fraction` of `items` held out, the rest in that random order. A
+    fraction that rounds to no item still holds one out (of two or more), so that "the lowest validation loss is
+    kept" means the same thing at every data size (a study over 16 to 400 demonstrations, say)."""
+    n_val = max(int(len(items) * fraction), 1 if fraction > 0 and len(items) > 1 else 0)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 

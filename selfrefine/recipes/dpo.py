@@ -279,7 +279,7 @@ def run(cfg: DPOConfig) -> dict:
     make_trainable(model, lora, cfg.seed)
     _, commit = start_run(out_dir, asdict(cfg), cfg.resume, cfg.allow_config_change,  # after every check
                           inputs={"model": cfg.model, "adapter": cfg.adapter, "pairs": cfg.pairs,
-                                  "samples": cfg.samples, "demos": cfg.demos})
+                                  "samples": cfg.samples, "demos": cfg.demos, "ref_model": cfg.ref_model})
     if built is not None:
         write_jsonl(out_dir / "pairs.jsonl", exported(built, ("chosen", "rejected"), cfg.export_format))
     step = DPOStep(Objective.of(cfg), reference)

@@ -15,7 +15,7 @@ from selfrefine.errors import UserError
 from selfrefine.lora import LoRAConfig
 from selfrefine.model import Transformer
 from selfrefine.recipes.common import (WEIGHT_DTYPES, ModelOptions, TrainingOptions, load, make_trainable,
-                                       pick_device, pick_dtype, refuse_past_context, save_outputs)
+                                       hold_out, pick_device, pick_dtype, refuse_past_context, save_outputs)
 from tests.helpers import make_tiny_model_dir, tiny_config
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -78,6 +78,15 @@ def test_make_trainable_lora_adapters_only_or_everything():
     assert all(p.requires_grad for p in full.parameters())
     with pytest.raises(UserError, match="'nothing_proj' matches no module"):
         make_trainable(Transformer(tiny_config(num_layers=1)), LoRAConfig(targets=("nothing_proj",)), seed=0)
+
+
+@pytest.mark.parametrize("n, fraction, held", [(16, 0.05, 1), (400, 0.05, 20), (1, 0.5, 0), (16, 0.0, 0)])
+def test_hold_out_keeps_at_least_one_when_a_fraction_is_asked(n: int, fraction: float, held: int):
+    """A fraction that rounds to nothing still holds one item out (of two or more), so the lowest-validation-loss
+    rule applies at every data size; the split is a seeded permutation, all items kept exactly once."""
+    train, val = hold_out(list(range(n)), fraction, seed=3)
+    assert len(val) == held and sorted(train + val) == list(range(n))
+    assert (train, val) == hold_out(list(range(n)), fraction, seed=3)
 
 
 def test_refuse_past_context_names_the_first_too_long_line():
