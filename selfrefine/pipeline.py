@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import seeds
+from .answers import load_questions
 from .data import read_sft
 from .errors import cli_main, fail
 from .files import read_json, write_json
@@ -112,7 +113,9 @@ class Pipeline:
         self.stages = Stages(out, force, protected=tuple(inputs))
         self.base = Path(cfg["model"]) if cfg.get("model") else out / "base"
         self.student = out / "sft" / "merged"
-        demos, train = out / "demos.jsonl", cfg["train"]
+        # The training questions: the train split unless the config names another (the sampler's own default is
+        # "test", which would self-refine on the in-domain evaluation questions).
+        demos, train = out / "demos.jsonl", {"split": "train", **cfg["train"]}
         rounds = cfg.get("rounds", 1)
         self.rows, self.comparisons = row_names(rounds), comparisons_of(rounds)
         # What each stage is run with (its config below; the provenance record of its options in `run`).
@@ -132,7 +135,8 @@ class Pipeline:
         model = self.student
         for r in range(1, rounds + 1):
             tag = round_tag(r)
-            options = {"seed": seed + (r - 1) * ROUND_SEED_STRIDE, **train, **cfg["sample"]}
+            options = {"seed": seed, **train, **cfg["sample"]}
+            options["seed"] += (r - 1) * ROUND_SEED_STRIDE  # after the merge: a sample.seed keeps rounds apart too
             samples, dpo_dir = out / f"samples{tag}.jsonl", out / f"dpo{tag}"
             ref = str(self.student) if r > 1 and cfg.get("round_reference") == "sft" else None
             self.rounds.append(Round(r, model, options, recipe_config(
@@ -161,6 +165,24 @@ class Pipeline:
                              model=str(self.base), task=[s["task"] for s in specs],
                              data=[s["data"] for s in specs if s.get("data")], out=str(self.out / "eval" / "x.json"))
 
+    def question_prompts(self, split: str) -> set[str]:
+        """The chain-of-thought prompts of a split's questions ("train": those instruction-tuned and self-refined
+        on, both sets)."""
+        if split == "train":
+            return {q.prompts["cot"] for c in (self.demos, self.rounds[0].sample) for q in c.questions("train")[0]}
+        cfg = self.evals[split]
+        return {q.prompts["cot"] for name, path in cfg.task_data()
+                for q in load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit, cfg.skip)[0]}
+
+    def check_unseen(self, source: str) -> None:
+        """No question trained on (instruction-tuning or self-refine: DPO learns from its gold label) is one the
+        models are tested on: a cross-task `sample.data` naming an evaluation file, say."""
+        train = self.question_prompts("train")
+        for split in SPLITS:
+            if shared := len(train & self.question_prompts(split)):
+                fail(f"the training or self-refine questions share {shared} question(s) with eval.{split}: a model "
+                     "is never tested on what it was trained on", source)
+
     def run(self) -> dict[str, Any]:
         models = self.train()
         results = {row: {split: self.evaluate(row, split, *models[row]) for split in SPLITS} for row in self.rows}
@@ -182,7 +204,7 @@ class Pipeline:
             samples_fp = self.stages.run(f"self_refine_samples{tag}",
                                          lambda rd=rd: sample.run(resumed_sampling(rd.sample)),
                                          outputs=with_partials(Path(rd.sample.out)), options=rd.sample_options,
-                                         inputs={"model": start_fp})
+                                         inputs={"model": start_fp, "data": path_digest(rd.sample.data)})
             dpo_fp = self.stages.run(f"dpo{tag}", lambda rd=rd: dpo.run(resumed(rd.dpo)), outputs=[Path(rd.dpo.out)],
                                      options={**self.options["dpo"], "task": rd.dpo.task, "merge": rd.dpo.merge,
                                               "reference": "sft" if rd.dpo.ref_model else "previous"},
@@ -206,7 +228,8 @@ class Pipeline:
     def demonstrations(self, stage: str, cfg: rationales.RationalesConfig | sample.SampleConfig) -> str:
         """Demonstrations (stage 1's data; a cross-task self-refine's stand-ins) from `teacher_config`'s config."""
         questions = {k: getattr(cfg, k) for k in QUESTION_KEYS}
-        options = {"train": questions, "teacher": self.cfg.get("teacher", {"type": "rationales"})}
+        options = {"train": questions, "teacher": self.cfg.get("teacher", {"type": "rationales"}),
+                   "export_format": cfg.export_format}  # the file's form: SFT reads either, but it is an output
         data_fp = path_digest(cfg.data)
         if isinstance(cfg, rationales.RationalesConfig):
             return self.stages.run(stage, lambda: rationales.run(cfg), outputs=[Path(cfg.demos_out)],
@@ -374,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipelines: dict[int | None, Pipeline] = {}
     for s in dirs:  # all checked before the first stage runs; the first seed's base evaluation serves them all
         pipelines[s] = Pipeline(cfg, args.config, dirs[s], seed_of[s], args.force, next(iter(pipelines.values()), None))
+    next(iter(pipelines.values())).check_unseen(args.config)  # the seeds share their questions
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", describe(cfg, overrides=args.overrides, config_file=args.config))
     if args.seeds is None:
@@ -393,7 +417,7 @@ def check_paths(cfg: dict[str, Any], out: str) -> None:
     """Every input the config names is there and OUT can be written: before the first stage runs."""
     evals = [s for split in (*SPLITS, VALIDATION) for s in eval_specs(cfg, split)]
     check_outputs([("--model", cfg.get("model")), ("--teacher", cfg.get("teacher", {}).get("model")),
-                   ("train.data", cfg["train"].get("data")),
+                   ("train.data", cfg["train"].get("data")), ("sample.data", cfg["sample"].get("data")),
                    *((f"eval data of {s['task']}", s.get("data")) for s in evals)],
                   {"--out": out}, folders=["--out"], may_hold_inputs=True)
 

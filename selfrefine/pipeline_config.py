@@ -22,18 +22,19 @@ from .recipes.sft import SFTConfig
 SPLITS = ("in_domain", "out_of_domain")
 VALIDATION = "validation"  # optional: held-out training questions, what `selfrefine.sweep` chooses settings on
 REQUIRED = ("train", "sft", "sample", "dpo", "eval")
-_SAMPLING = frozenset({"model", "adapter", "out", "resume", "keep_correct", "demos_out", "from_rationales"})
-_DPO = frozenset({"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume", "merge", "ref_model"})
+_LOG = frozenset({"quiet", "verbose"})  # the command line's --quiet/--verbose: how a run talks, not what it computes
+_SAMPLING = _LOG | {"model", "adapter", "out", "resume", "keep_correct", "demos_out", "from_rationales"}
+_DPO = _LOG | {"model", "adapter", "pairs", "samples", "demos", "task", "out", "resume", "merge", "ref_model"}
 # section -> (the recipe config it becomes, the keys the pipeline sets itself)
 SECTIONS: dict[str, tuple[type[Settings], frozenset[str]]] = {
-    "train": (RationalesConfig, frozenset({"demos_out"})),
+    "train": (RationalesConfig, _LOG | {"demos_out"}),
     "teacher.sampling": (SampleConfig, _SAMPLING),
-    "sft": (SFTConfig, frozenset({"model", "adapter", "data", "out", "resume", "merge"})),
+    "sft": (SFTConfig, _LOG | {"model", "adapter", "data", "out", "resume", "merge"}),
     "sample": (SampleConfig, _SAMPLING | {"prompt"}),
     "pairs": (DPOConfig, _DPO),
     "dpo": (DPOConfig, _DPO),
-    "eval_options": (EvalConfig, frozenset({"model", "adapter", "task", "data", "out", "compare"})),
-    **{f"eval.{split}": (EvalConfig, frozenset({"model", "adapter", "out", "compare"}))
+    "eval_options": (EvalConfig, _LOG | {"model", "adapter", "task", "data", "out", "compare"}),
+    **{f"eval.{split}": (EvalConfig, _LOG | {"model", "adapter", "out", "compare"})
        for split in (*SPLITS, VALIDATION)},
 }
 ROUND_REFERENCES = ("previous", "sft")  # round r's DPO reference: the model of round r-1, or the SFT model

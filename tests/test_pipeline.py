@@ -204,3 +204,30 @@ def test_cpu_recipe_runs_end_to_end_on_fixture_data(name: str, tasks: dict[str, 
             {split: sorted(names) for split, names in tasks.items()}
         assert saved["rows"][row]["in_domain"][tasks["in_domain"][0]]["n"] == 2
     assert "| SFT+self-refine - SFT |" in capsys.readouterr().out
+
+
+def test_training_questions_default_to_the_train_split(tmp_path: Path):
+    """Without train.split, every stage that reads the training questions reads the train split (the sampler's own
+    default, "test", would self-refine on the in-domain evaluation questions)."""
+    cfg = json.loads(json.dumps(TINY))
+    del cfg["train"]["split"]
+    run = pipeline.Pipeline(cfg, "tiny.json", tmp_path / "run", 0, False)
+    assert run.rounds[0].sample.split == "train" and run.demos.split == "train"
+    assert run.question_prompts("train") == pipeline.Pipeline(TINY, "tiny.json", tmp_path / "r", 0, False)\
+        .question_prompts("train")
+
+
+def test_a_sample_seed_keeps_the_rounds_apart(tmp_path: Path):
+    cfg = {**TINY, "rounds": 2, "sample": {**TINY["sample"], "seed": 7}}
+    run = pipeline.Pipeline(cfg, "tiny.json", tmp_path / "run", 0, False)
+    assert [rd.sample.seed for rd in run.rounds] == [7, 7 + pipeline.ROUND_SEED_STRIDE]
+
+
+def test_self_refine_on_evaluation_questions_is_refused_before_anything_runs(tmp_path: Path):
+    """A cross-task sample section naming the out-of-domain test questions: DPO would learn from their gold
+    labels, so the run stops in one line before the first stage."""
+    config, out = tmp_path / "tiny.json", tmp_path / "run"
+    config.write_text(json.dumps({**TINY, "sample": {**TINY["sample"], "task": "arith_ood", "split": "test"}}))
+    with pytest.raises(UserError, match="share 3 question.s. with eval.out_of_domain"):
+        pipeline.main(["--config", str(config), "--out", str(out), "--model", str(make_tiny_model_dir(tmp_path / "m"))])
+    assert not out.exists()

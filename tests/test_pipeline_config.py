@@ -29,6 +29,8 @@ def test_tiny_config_passes_and_every_section_has_its_recipe():
     (lambda c: c.update(rounds="2"), "tiny.json: the config: rounds must be an integer >= 1, got '2'"),
     (lambda c: c.update(round_reference="base"), "round_reference must be one of previous, sft, got 'base'"),
     (lambda c: c["dpo"].update(ref_model="m"), "tiny.json: section dpo: key 'ref_model' is set by the pipeline"),
+    (lambda c: c["sft"].update(quiet=True), "tiny.json: section sft: key 'quiet' is set by the pipeline"),
+    (lambda c: c["eval_options"].update(verbose=True), "section eval_options: key 'verbose' is set by the pipeline"),
 ])
 def test_a_bad_key_or_value_names_file_section_and_key(change, message):
     cfg = copy.deepcopy(TINY)
