@@ -20,11 +20,10 @@ from typing import Any
 
 from .errors import cli_main
 from .files import write_json
-from .log import logger
 from .pipeline import SPLITS, check_paths, config_parser, format_cell, format_diff, parse_args
 from .plots import PLOTS_SKIPPED, study_figure
 from .runs import describe
-from .sweep import measured, variant_key, variant_pipelines
+from .sweep import run_variants, variant_pipelines
 
 KEPT = ("rows", "comparisons", "tasks", "stage_seconds", "total_seconds")
 
@@ -54,21 +53,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="the variants, e.g. train.size=16,32,64,128 or pairs.strategy=paper,cot-vs-direct (every "
                         "combination; a single value just sets it)")
     args = parse_args(p, argv)
-    base, seed, variants, pipelines = variant_pipelines(args)
+    base, variants, pipelines = variant_pipelines(args)
     check_paths(base, args.out)
+    for pipeline in pipelines:  # a variant may change the questions (train.size, say)
+        pipeline.check_unseen(args.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", describe(base, overrides=args.grid, config_file=args.config))
     path = out / "study.json"
-    done = measured(path, args.force)
-    results = []
-    for (settings, cfg), pipeline in zip(variants, pipelines):
-        key = variant_key(cfg, seed)
-        if key not in done:
-            logger.info(f"study: {' '.join(settings)}")
-            done[key] = {"settings": settings, "key": key, **kept(pipeline.run())}
-        results.append(done[key])
-        write_json(path, {"variants": results})
+    results = run_variants(variants, pipelines, path, args.force, lambda pl: kept(pl.run()), {})
     print(markdown(results))
     figure = out / "study.png"
     print(f"figure -> {figure}" if study_figure(results, figure) is not None else PLOTS_SKIPPED)

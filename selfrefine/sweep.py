@@ -17,9 +17,8 @@ import argparse
 import itertools
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .answers import load_questions
 from .config import parse_override
 from .errors import cli_main, fail
 from .files import read_json, write_json
@@ -39,6 +38,8 @@ def grid(items: list[str]) -> list[list[str]]:
     keys, values = [], []
     for item in items:
         key, text = parse_override(item)
+        if key.startswith("eval."):
+            fail(f"{item}: variants are compared on the same questions; vary how the models are made, not eval.*")
         if key in keys:
             fail(f"{item}: {key} given twice; list its values once, comma-separated")
         keys.append(key)
@@ -46,41 +47,41 @@ def grid(items: list[str]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*values)]
 
 
-def variant_pipelines(args: argparse.Namespace) -> tuple[dict[str, Any], int, list[tuple[list[str], dict[str, Any]]],
+def variant_pipelines(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[list[str], dict[str, Any]]],
                                                           list[Pipeline]]:
-    """The config, the seed, and each variant of the grid (its settings, its config) with its Pipeline into OUT:
-    every one built, and so checked, before the first stage runs."""
+    """The config, and each variant of the grid (its settings, its config) with its Pipeline into OUT: every one
+    built, and so checked, before the first stage runs. Each runs with its own seed (`seed=0,1,2` is a grid too);
+    --force redoes the stages once, in the first variant, so that the others still reuse what they share."""
     args.overrides = []
     base = load_config(args)
-    seed = args.seed if args.seed is not None else base.get("seed", 0)
     variants = [(v, apply_overrides(base, v, args.config)) for v in grid(args.grid)]
-    return base, seed, variants, [Pipeline(cfg, args.config, Path(args.out), seed, args.force) for _, cfg in variants]
+    pipelines = [Pipeline(cfg, args.config, Path(args.out), args.seed if args.seed is not None else cfg.get("seed", 0),
+                          args.force and i == 0) for i, (_, cfg) in enumerate(variants)]
+    return base, variants, pipelines
 
 
-def variant_key(cfg: dict[str, Any], seed: int) -> str:
-    """What a measured variant stands for: its whole config, the seed and the code (a change measures it again)."""
-    return digest({"config": cfg, "seed": seed, "code": code_version()})
-
-
-def measured(path: Path, force: bool) -> dict[str, dict[str, Any]]:
-    """The variants already in OUT's results file, by key (none with --force)."""
-    return {v["key"]: v for v in (read_json(path)["variants"] if path.exists() and not force else [])}
-
-
-def question_texts(pipeline: Pipeline, split: str) -> set[str]:
-    """The chain-of-thought prompts of a split's questions ("train": those instruction-tuned and self-refined on)."""
-    if split == "train":
-        return {q.prompts["cot"] for c in (pipeline.demos, pipeline.rounds[0].sample) for q in c.questions("train")[0]}
-    cfg = pipeline.evals[split]
-    return {q.prompts["cot"] for name, path in cfg.task_data()
-            for q in load_questions(name, path, cfg.split, cfg.size, cfg.data_seed, cfg.limit, cfg.skip)[0]}
+def run_variants(variants: list[tuple[list[str], dict[str, Any]]], pipelines: list[Pipeline], path: Path,
+                 force: bool, measure_one: Callable[[Pipeline], dict[str, Any]], header: dict[str, Any]) -> list[dict]:
+    """Each variant measured in turn into `path` ({**header, "variants": [...]}, rewritten as each finishes, so an
+    interrupted sweep keeps what it measured). A variant already there under the same config, seed and code is not
+    measured again (all are with --force)."""
+    done = {v["key"]: v for v in (read_json(path)["variants"] if path.exists() and not force else [])}
+    results = []
+    for (settings, cfg), pipeline in zip(variants, pipelines):
+        key = digest({"config": cfg, "seed": pipeline.seed, "code": code_version()})
+        if key not in done:
+            logger.info(f"{path.stem}: {' '.join(settings)}")
+            done[key] = {"settings": settings, "key": key, **measure_one(pipeline)}
+        results.append(done[key])
+        write_json(path, {**header, "variants": results})
+    return results
 
 
 def check_held_out(pipeline: Pipeline, source: str) -> None:
     """The validation questions share none with the questions trained on, nor with any evaluation split."""
-    val = question_texts(pipeline, VALIDATION)
+    val = pipeline.question_prompts(VALIDATION)
     for split in ("train", *SPLITS):
-        if shared := len(val & question_texts(pipeline, split)):
+        if shared := len(val & pipeline.question_prompts(split)):
             where = "the training questions (skip past them)" if split == "train" else \
                 f"eval.{split}: settings are never chosen on a test set"
             fail(f"eval.{VALIDATION} shares {shared} question(s) with {where}", source)
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="the values to try, e.g. dpo.lr=2e-5,5e-5 dpo.beta=0.1,0.5 (every combination; a single "
                         "value just sets it)")
     args = parse_args(p, argv)
-    base, seed, variants, pipelines = variant_pipelines(args)
+    if any(parse_override(item)[0] == "rounds" for item in args.grid):
+        fail("a sweep compares the same rows across variants: run one sweep per number of rounds")
+    base, variants, pipelines = variant_pipelines(args)
     if not eval_specs(base, VALIDATION):
         fail(f"a sweep measures on eval.{VALIDATION} (held-out training questions, e.g. "
              '{"task": "arith", "split": "train", "skip": 400, "size": 300}); the config has none', args.config)
@@ -140,19 +143,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              f"{', '.join(pipelines[0].rows[1:])})")
     check_paths(base, args.out)
     for pipeline in pipelines:  # a variant may change the questions (train.size, say)
+        pipeline.check_unseen(args.config)
         check_held_out(pipeline, args.config)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", describe(base, overrides=args.grid, config_file=args.config))
     path = out / "sweep.json"
-    done = measured(path, args.force)
-    results = []
-    for (settings, cfg), pipeline in zip(variants, pipelines):
-        key = variant_key(cfg, seed)
-        if key not in done:
-            logger.info(f"sweep: {' '.join(settings)}")
-            done[key] = {"settings": settings, "key": key, **measure(pipeline)}
-        results.append(done[key])
-        write_json(path, {"select": args.select, "variants": results, "chosen": None})
+    results = run_variants(variants, pipelines, path, args.force, measure, {"select": args.select, "chosen": None})
     chosen = max(range(len(results)), key=lambda i: (score(results[i], args.select), -i))
     summary = {"select": args.select, "variants": results, "chosen": results[chosen]["settings"]}
     write_json(path, summary)

@@ -30,6 +30,22 @@ def test_grid_is_every_combination_first_key_slowest():
         ["dpo.lr=2e-3", "dpo.beta=0.1", "seed=3"], ["dpo.lr=2e-3", "dpo.beta=0.5", "seed=3"]]
     with pytest.raises(UserError, match="dpo.lr given twice"):
         sweep.grid(["dpo.lr=1", "dpo.lr=2"])
+    with pytest.raises(UserError, match="compared on the same questions"):
+        sweep.grid(["eval.in_domain.size=3,4"])
+
+
+def test_each_variant_runs_with_its_own_seed_and_force_redoes_the_shared_stages_once(tmp_path: Path):
+    args = sweep.config_parser("x", "", "o", "f").parse_args(["--config", str(write_config(tmp_path)), "--out",
+                                                             str(tmp_path / "o"), "--force"])
+    args.grid = ["seed=0,1", "dpo.lr=1e-2,2e-2"]
+    _, variants, pipelines = sweep.variant_pipelines(args)
+    assert [pl.seed for pl in pipelines] == [0, 0, 1, 1]
+    assert [pl.stages.force for pl in pipelines] == [True, False, False, False]
+
+
+def test_a_rounds_grid_is_refused(tmp_path: Path):
+    with pytest.raises(UserError, match="one sweep per number of rounds"):
+        sweep.main(["--config", str(write_config(tmp_path)), "--out", str(tmp_path / "o"), "rounds=1,2"])
 
 
 def test_sweep_reuses_shared_stages_measures_only_validation_and_resumes(tmp_path: Path, capsys):
