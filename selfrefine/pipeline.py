@@ -45,7 +45,8 @@ ROWS = ("base", "sft", "self_refine")  # one round; each further round r adds a 
 COMPARISONS = {"sft_vs_base": ("base", "sft"), "self_refine_vs_sft": ("sft", "self_refine")}  # name: (A, B)
 NAMES = {"base": "base", "sft": "SFT", "self_refine": "SFT+self-refine"}
 QUESTION_KEYS = tuple(f.name for f in fields(QuestionOptions))  # which questions: task, data, split, size...
-CELL_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate", "predictions")
+RESULT_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate")  # a cell's numbers
+CELL_KEYS = (*RESULT_KEYS, "predictions")
 ROUND_SEED_STRIDE = 1_000_000  # round r samples with seed + (r - 1) * this: fresh draws, never another seed's
 
 
@@ -391,8 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(args)
     out = Path(args.out)
     check_paths(cfg, args.out)
-    seed_of = {s: s for s in args.seeds} if args.seeds else {
-        None: args.seed if args.seed is not None else cfg.get("seed", 0)}
+    seed_of = {s: s for s in args.seeds} if args.seeds else {None: run_seed(args, cfg)}
     dirs = seeds.seed_dirs(out, args.seeds) if args.seeds else {None: out}
     pipelines: dict[int | None, Pipeline] = {}
     for s in dirs:  # all checked before the first stage runs; the first seed's base evaluation serves them all
@@ -411,6 +411,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"report across seeds -> {out / 'report.json'}")
     print(figures_line(out))
     return summary
+
+
+def run_seed(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """--seed, else the config's seed, else 0."""
+    return args.seed if args.seed is not None else cfg.get("seed", 0)
 
 
 def check_paths(cfg: dict[str, Any], out: str) -> None:

@@ -52,6 +52,12 @@ def cell_panels(n: int, panel: tuple[float, float]) -> tuple[Figure, list[Axes]]
     return fig, axes[:n]
 
 
+def interval_bars(stats: list[dict[str, Any]]) -> tuple[list[float], list[list[float]]]:
+    """Accuracies and their 95% intervals as matplotlib's asymmetric error bars ([below], [above])."""
+    acc = [s["accuracy"] for s in stats]
+    return acc, [[a - s["ci95"][0] for a, s in zip(acc, stats)], [s["ci95"][1] - a for a, s in zip(acc, stats)]]
+
+
 def report_figure(report: dict[str, Any], path: str | os.PathLike) -> Figure:
     """One panel per (split, task): accuracy of each model with its 95% interval (one seed), or the mean over
     seeds with min-max bars and each seed as a dot (an across-seeds report), so a reader sees the spread
@@ -72,8 +78,7 @@ def report_figure(report: dict[str, Any], path: str | os.PathLike) -> Figure:
                 ax.plot([x] * len(s["accuracy"]["values"]), s["accuracy"]["values"], "k.", zorder=3)
             n = f"n={test['n']} over {len(report['seeds'])} seeds"
         else:
-            acc = [s["accuracy"] for s in stats]
-            err = [[a - s["ci95"][0] for a, s in zip(acc, stats)], [s["ci95"][1] - a for a, s in zip(acc, stats)]]
+            acc, err = interval_bars(stats)
             n = f"n={stats[0]['n']}"
         ax.bar(range(len(stats)), acc, yerr=err, capsize=4, color="C0", alpha=0.7)
         ax.set_xticks(range(len(stats)), list(map(row_name, rows)), rotation=15)
@@ -98,9 +103,7 @@ def study_figure(variants: list[dict[str, Any]], path: str | os.PathLike) -> Fig
     fig, axes = cell_panels(len(cells), (1.5 + 0.9 * len(variants), 3.6))
     for ax, (split, task) in zip(axes, cells):
         for i, row in enumerate(("sft", "self_refine")):
-            stats = [v["rows"][row][split][task] for v in variants]
-            acc = [s["accuracy"] for s in stats]
-            err = [[a - s["ci95"][0] for a, s in zip(acc, stats)], [s["ci95"][1] - a for a, s in zip(acc, stats)]]
+            acc, err = interval_bars([v["rows"][row][split][task] for v in variants])
             x = [j + 0.08 * (i - 0.5) for j in range(len(variants))]  # side by side, not on top of each other
             ax.errorbar(x, acc, yerr=err, fmt="o-", capsize=3, label=row_name(row))
         ax.set_xticks(range(len(variants)), [" ".join(v["settings"]) for v in variants], rotation=20, fontsize=7)

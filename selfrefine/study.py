@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import cli_main
 from .files import write_json
-from .pipeline import SPLITS, check_paths, config_parser, format_cell, format_diff, parse_args
+from .pipeline import RESULT_KEYS, SPLITS, check_paths, config_parser, format_cell, format_diff, parse_args
 from .plots import PLOTS_SKIPPED, study_figure
 from .runs import describe
 from .sweep import run_variants, variant_pipelines
@@ -30,7 +30,7 @@ KEPT = ("rows", "comparisons", "tasks", "stage_seconds", "total_seconds")
 
 def kept(report: dict[str, Any]) -> dict[str, Any]:
     """A pipeline report without its predictions paths (the next variant overwrites those files)."""
-    rows = {row: {split: {task: {k: v for k, v in cell.items() if k != "predictions"} for task, cell in tasks.items()}
+    rows = {row: {split: {task: {k: cell[k] for k in RESULT_KEYS} for task, cell in tasks.items()}
                   for split, tasks in splits.items()} for row, splits in report["rows"].items()}
     return {**{k: report[k] for k in KEPT}, "rows": rows}
 

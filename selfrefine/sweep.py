@@ -24,13 +24,11 @@ from .errors import cli_main, fail
 from .files import read_json, write_json
 from .fingerprint import code_version, digest
 from .log import logger
-from .pipeline import (Pipeline, check_paths, config_parser, format_cell, format_diff, load_config, parse_args,
-                       row_name)
+from .pipeline import (RESULT_KEYS, Pipeline, check_paths, config_parser, format_cell, format_diff, load_config,
+                       parse_args, row_name, run_seed)
 from .pipeline_config import SPLITS, VALIDATION, apply_overrides, eval_specs
 from .recipes.eval import compare_predictions
 from .runs import describe
-
-RESULT_KEYS = ("n", "correct", "accuracy", "ci95", "no_answer_rate", "truncation_rate")
 
 
 def grid(items: list[str]) -> list[list[str]]:
@@ -55,8 +53,8 @@ def variant_pipelines(args: argparse.Namespace) -> tuple[dict[str, Any], list[tu
     args.overrides = []
     base = load_config(args)
     variants = [(v, apply_overrides(base, v, args.config)) for v in grid(args.grid)]
-    pipelines = [Pipeline(cfg, args.config, Path(args.out), args.seed if args.seed is not None else cfg.get("seed", 0),
-                          args.force and i == 0) for i, (_, cfg) in enumerate(variants)]
+    pipelines = [Pipeline(cfg, args.config, Path(args.out), run_seed(args, cfg), args.force and i == 0)
+                 for i, (_, cfg) in enumerate(variants)]
     return base, variants, pipelines
 
 
