@@ -29,6 +29,9 @@ BENCHMARKS = {
                ["bench/dpo.py", *BF16, "--shape", "1b", "--batch", "4", "--seq", "512", "--steps", "5"]),
     "sampling": ("greedy generation, 135M shape, 128 new tokens, batch 1 / 8 / 64",
                  ["bench/sampling.py", *BF16, "--batch-sizes", "1", "8", "64", "--workloads", "micro"]),
+    "sampling_eager": ("the same with our decode step eager: what the CUDA graph buys",
+                       ["bench/sampling.py", *BF16, "--batch-sizes", "1", "8", "64", "--workloads", "micro",
+                        "--cuda-graphs", "off"]),
     "workloads": ("real workloads on the packaged SmolLM2: self-refine sampling, greedy evaluation",
                   ["bench/sampling.py", *BF16, "--workloads", "selfrefine", "eval"]),
     "lora_7b": ("SFT step, LoRA r=16, 7B shape, 1 x 1024 tokens, gradient checkpointing (peak memory)",
@@ -63,12 +66,13 @@ def rows(name: str, result: dict | None, what: str) -> list[str]:
     """The table rows of one benchmark's JSON (None: it failed)."""
     if result is None:
         return [f"| {what} | failed (see {name}.log) | | | |"]
-    if name == "sampling":
+    if name in ("sampling", "sampling_eager"):
+        step = "eager step" if name == "sampling_eager" else "CUDA graph"
         out = []
         for b in sorted({r["batch"] for r in result["rows"]}):
             ours, hf = (next(r for r in result["rows"] if r["batch"] == b and r["impl"] == i)
                         for i in ("ours", "transformers"))
-            out.append(f"| greedy generation, 135M shape, batch {b} | {_fmt(ours['new tok/s'], ' tok/s')} | "
+            out.append(f"| greedy generation, 135M shape, batch {b}, {step} | {_fmt(ours['new tok/s'], ' tok/s')} | "
                        f"{_fmt(hf['new tok/s'], ' tok/s')} | {ours['new tok/s'] / hf['new tok/s']:.2f} | decode "
                        f"{_fmt(ours['decode ms/step'], ' ms/step', 2)} vs floor {_fmt(ours['floor ms/step'], ' ms', 2)} |")
         return out

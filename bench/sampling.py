@@ -35,6 +35,7 @@ from bench import workloads
 from bench.common import DTYPES, SHAPES, random_model, report, sync
 from bench.workloads import WORKLOADS
 from selfrefine.checkpoint import load_model, save_model
+from selfrefine.decode_step import GRAPH_CHOICES, use_static_step
 from selfrefine.files import write_json
 from selfrefine.model import ModelConfig
 from selfrefine.recipes.common import pick_dtype
@@ -71,10 +72,10 @@ def prompts_for(batch: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def ours_fn(model, prompts: list[list[int]]) -> Callable[[int], list[list[int]]]:
+def ours_fn(model, prompts: list[list[int]], static: bool) -> Callable[[int], list[list[int]]]:
     def run(new: int) -> list[list[int]]:
         res = generate(model, prompts, SamplingParams(max_new_tokens=new), stop_ids=[], batch_size=len(prompts),
-                       progress=False)
+                       progress=False, static=static)
         return [r[0].token_ids for r in res]
     return run
 
@@ -115,10 +116,14 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--slots", type=int, default=128, help="our decoding slots in the real workloads")
     p.add_argument("--questions", type=int, default=64, help="arith training questions of the selfrefine workload")
     p.add_argument("--eval-questions", type=int, default=100, help="arith test questions of the eval workload")
+    p.add_argument("--cuda-graphs", default="auto", choices=GRAPH_CHOICES,
+                   help="our decode step: auto = a CUDA graph on CUDA, eager elsewhere; on = the fixed-shape step "
+                        "anywhere (captured on CUDA only); off = eager")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.workloads = args.workloads or (["micro"] if args.quick else ["micro", *WORKLOADS])
     args.device = torch.device(args.device)
+    args.static = use_static_step(args.cuda_graphs, args.device)
     if args.dtype == "auto":  # the recipes' own choice for inference
         args.dtype = str(pick_dtype("auto", args.device, training=False)).removeprefix("torch.")
     args.new_tokens = args.new_tokens or (32 if args.quick else 128)
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> float:
     rows, tok_s = [], {}
     for b in sizes:
         prompts = prompts_for(b, cfg.vocab_size, args.seed + b)
-        sides = {"ours": ours_fn(ours, prompts), "transformers": hf_fn(hf, prompts, args.device)}
+        sides = {"ours": ours_fn(ours, prompts, args.static), "transformers": hf_fn(hf, prompts, args.device)}
         for fn in sides.values():  # warm-up: allocator, kernels, lazy init
             fn(2)
         full = {name: [] for name in sides}
@@ -173,18 +178,25 @@ def main(argv: list[str] | None = None) -> float:
                          "floor ms/step": floor_ms, "same greedy rows %": 100 * agree})
     ratio = tok_s["ours", RATIO_BATCH] / tok_s["transformers", RATIO_BATCH]
     title = (f"greedy generation, 135m shape, {args.new_tokens} new tokens, prompts 16-80 tokens, {args.dtype}, "
-             f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}; "
+             f"{args.device}, our decode step {step_name(args)}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, best of {args.repeats}; "
              f"floor at {bandwidth / 1e9:.1f} GB/s")
     report(title, rows, args, {"bandwidth_gbs": bandwidth / 1e9, **extra}, ratio)
     return ratio
 
 
+def step_name(args: argparse.Namespace) -> str:
+    return ("CUDA graph" if args.device.type == "cuda" else "static, uncaptured") if args.static else "eager"
+
+
 def real_workloads(args: argparse.Namespace) -> dict:
     """Runs bench/workloads.py's workloads, prints their table and ratio lines; the part of the JSON they fill."""
+    names = [w for w in args.workloads if w in WORKLOADS]
     rows, ratios, ceiling = workloads.run(args.device, DTYPES[args.dtype], args.slots, args.questions,
-                                          args.eval_questions, [w for w in args.workloads if w in WORKLOADS])
+                                          args.eval_questions, names, args.static)
     cols = list(rows[0])
     print(f"\n### real workloads, packaged SmolLM2-135M-Instruct, {args.dtype}, {args.device}, "
+          f"our decode step {step_name(args)}, "
           f"{torch.get_num_threads()} threads; matmul ceiling {ceiling:.0f} GFLOP/s\n")
     print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
     for r in rows:

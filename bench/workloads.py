@@ -65,10 +65,10 @@ def workloads(tok: Tokenizer, questions: int, eval_questions: int) -> list[Workl
     ]
 
 
-def run_ours(model, tok: Tokenizer, part: Part, slots: int) -> list[int]:
+def run_ours(model, tok: Tokenizer, part: Part, slots: int, static: bool) -> list[int]:
     """New tokens of every row (its stop token not counted)."""
     res = generate(model, part.prompts, part.params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=slots,
-                   seed=part.seed, progress=False)
+                   seed=part.seed, progress=False, static=static)
     return [len(c.token_ids) for row in res for c in row]
 
 
@@ -146,8 +146,9 @@ def ratio_bound(rows: list[dict], ceiling: float) -> float:
 
 
 def run(device: torch.device, dtype: torch.dtype, slots: int, questions: int, eval_questions: int,
-        names: list[str]) -> tuple[list[dict], dict[str, float], float]:
-    """(table rows, {workload: ratio_vs_hf (best transformers time / ours)}, matmul ceiling GFLOP/s)."""
+        names: list[str], static: bool = False) -> tuple[list[dict], dict[str, float], float]:
+    """(table rows, {workload: ratio_vs_hf (best transformers time / ours)}, matmul ceiling GFLOP/s); `static`:
+    our fixed-shape decode step (a CUDA graph on CUDA)."""
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +159,7 @@ def run(device: torch.device, dtype: torch.dtype, slots: int, questions: int, ev
     cfg = model.config
     head = cfg.vocab_size * cfg.hidden_size
     body = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-    sides = {("ours", slots): lambda part: run_ours(model, tok, part, slots)}
+    sides = {("ours", slots): lambda part: run_ours(model, tok, part, slots, static)}
     sides.update({("transformers", b): (lambda part, b=b: run_hf(hf, tok, part, b, device)) for b in HF_BATCHES})
     rows, ratios = [], {}
     for w in workloads(tok, questions, eval_questions):

@@ -84,7 +84,7 @@ def graded(task: str, q: Question, kind: str | None, ptype: str, sample: int, c:
 def answer(model: torch.nn.Module, tok: Tokenizer, task: str, questions: list[Question], kind: str | None,
            ptype: str, prompts: list[list[int]], params: SamplingParams, *, batch_size: int, seed: int = 0,
            progress: bool = True, done: set[Row] = frozenset(),
-           on_record: Callable[[Row, dict], None] | None = None) -> dict[Row, dict]:
+           on_record: Callable[[Row, dict], None] | None = None, static: bool = False) -> dict[Row, dict]:
     """`params.n` graded answers per question, {(question, sample): record}, on every rank.
 
     The batches holding a row not in `done` are shared out across ranks; `on_record` sees each new record on
@@ -103,7 +103,8 @@ def answer(model: torch.nn.Module, tok: Tokenizer, task: str, questions: list[Qu
                 on_record((i, j), new[(i, j)])
 
     generate(model, prompts, params, stop_ids=tok.stop_ids, decode=tok.decode, batch_size=batch_size, seed=seed,
-             progress=progress and distributed.is_main(), batches=distributed.shard(todo), on_batch=save_batch)
+             progress=progress and distributed.is_main(), batches=distributed.shard(todo), on_batch=save_batch,
+             static=static)
     merged: dict[Row, dict] = {}
     for part in distributed.all_gather_object(new):
         merged.update(part)

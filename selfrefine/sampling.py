@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .attention import KVCache, SlotCache
+from .decode_step import EagerStep, StaticStep
 from .errors import fail
 from .log import quiet
 from .model import Transformer
@@ -194,20 +195,22 @@ def kv_cache_bytes(layers: int, slots: int, kv_heads: int, head_dim: int, positi
 def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple[int, int]], params: SamplingParams,
                   stop_ids: set[int], decode: Callable[[list[int]], str] | None, slots: int, seed: int,
                   on_row: Callable[[tuple[int, int], Completion], None], log: Callable[[str], None] | None = None,
-                  ) -> None:
+                  static: bool = False) -> None:
     """Continuous batching: `rows` ((prompt, sample), in this order) run through `slots` decoding slots.
 
     Each step samples one token for every busy slot and feeds them in one forward over a `SlotCache`
     (per-row write index, RoPE position and mask). A finished row is handed to `on_row` and its slot
     refilled at once from the waiting rows (`_Waiting`). Nothing is padded or recomputed, and no cache row
     moves when a row finishes. Row (i, j) draws from `row_rng(seed, i, j)`, so its tokens do not depend
-    on `slots`, the order or the company of `rows`.
+    on `slots`, the order or the company of `rows`. `static`: the fixed-shape decode step (`decode_step`),
+    captured as a CUDA graph on CUDA.
     """
     ctx, device = model.config.max_position_embeddings, model.model.embed_tokens.weight.device
     budget = {i: min(params.max_new_tokens, ctx - len(prompts[i])) for i, _ in rows}  # never outgrow the context
     slots = min(slots, len(rows))
     cache = _slot_cache(model, slots, max(len(prompts[i]) + budget[i] - 1 for i, _ in rows), log)
     logits = torch.zeros(slots, model.config.vocab_size, device=device)  # row s: slot s's next-token logits
+    step = StaticStep(model, cache, logits, device.type == "cuda") if static else EagerStep(model, cache, logits)
     waiting = _Waiting(model, prompts, rows)
     busy: list[_Row | None] = [None] * slots
     while True:
@@ -230,7 +233,7 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
                 busy[s] = None
                 on_row((row.prompt, row.sample), c)
         if any(row is not None for row in busy):
-            _feed(model, cache, logits, busy, tokens)
+            _feed(step, busy, tokens)
 
 
 def _slot_cache(model: Transformer, slots: int, positions: int, log: Callable[[str], None] | None) -> SlotCache:
@@ -327,21 +330,15 @@ def _finished(row: _Row, tok: int, stop_ids: set[int], decode: Callable[[list[in
     return None
 
 
-def _feed(model: Transformer, cache: SlotCache, logits: torch.Tensor, busy: list[_Row | None],
-          tokens: list[int]) -> None:
-    """One forward: every busy row's last token, at its own slot and position; the new next-token logits
-    go into `logits`."""
-    fed = [s for s, row in enumerate(busy) if row is not None]
-    hi, device = fed[-1] + 1, logits.device
-    at = [busy[s].length if busy[s] is not None else 0 for s in range(hi)]  # a free slot writes at 0
-    index = torch.tensor(at, device=device)
-    cache.index, cache.span = index, max(at) + 1
-    mask = (torch.arange(cache.span, device=device)[None] <= index[:, None])[:, None, None]
-    ids = torch.tensor([tokens[s] if busy[s] is not None else 0 for s in range(hi)], device=device)
-    hidden = model.hidden_states(ids[:, None], index[:, None], mask, cache)
-    logits[:hi] = model.lm_head(hidden[:, -1]).float()
-    for s in fed:
-        busy[s].length += 1
+def _feed(step: EagerStep | StaticStep, busy: list[_Row | None], tokens: list[int]) -> None:
+    """One forward: every busy row's last token, at its own slot and position (a free slot below the last busy
+    one is fed token 0 at position 0); the new next-token logits go into the step's `logits`."""
+    hi = max(s for s, row in enumerate(busy) if row is not None) + 1
+    step([tokens[s] if busy[s] is not None else 0 for s in range(hi)],
+         [busy[s].length if busy[s] is not None else 0 for s in range(hi)])
+    for row in busy:
+        if row is not None:
+            row.length += 1
 
 
 @torch.inference_mode()
@@ -349,13 +346,14 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
              decode: Callable[[list[int]], str] | None = None, batch_size: int = 16, seed: int = 0,
              progress: bool = True, batches: Iterable[int] | None = None,
              on_batch: Callable[[list[tuple[int, int]], list[Completion]], None] | None = None,
-             ) -> list[list[Completion | None]]:
+             static: bool = False) -> list[list[Completion | None]]:
     """`params.n` completions for each prompt (token ids, no padding): result[prompt][sample].
 
     Runs `generate_rows` with `batch_size` decoding slots. `plan_batches` groups the rows into batches of
     `batch_size` for bookkeeping only: `batches` runs only the rows of those batch indices (the other entries
     stay None), and `on_batch(rows, completions)` sees each batch once all its rows are done. Row (i, j)'s
     sample depends only on (seed, i, j): the same for any `batch_size`, subset of batches or process.
+    `static`: decode with `decode_step.StaticStep` (a CUDA graph on CUDA) instead of `EagerStep`.
     A prompt that leaves no room in the context raises UserError naming its index.
     """
     if params.stop_strings and decode is None:
@@ -392,6 +390,6 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
     if rows:
         generate_rows(model, prompts, rows, params, set(stop_ids), decode, batch_size, seed, on_row,
-                      log=tqdm.write if progress and not quiet() else None)
+                      log=tqdm.write if progress and not quiet() else None, static=static)
     bar.close()
     return results

@@ -87,15 +87,16 @@ def test_gpu_report_says_one_line_without_cuda_and_builds_its_table(tmp_path, ca
         for impl, b, s in (("ours", 64, 1.0), ("transformers", 8, 3.0), ("transformers", 32, 2.0))]}
     results = {"sft_1b": json.loads((tmp_path / "t.json").read_text()),
                "dpo_1b": json.loads((tmp_path / "d.json").read_text()), "sampling": sampling,
-               "workloads": workloads, "lora_7b": None}
+               "sampling_eager": {**sampling, "rows": sampling["rows"][:2]}, "workloads": workloads, "lora_7b": None}
     text = gpu_report.table(results, "10 passed", "a test device")
     lines = text.splitlines()
     assert lines[0] == "GPU report: a test device; test suite on the GPU: 10 passed"
     assert f"| {results['sft_1b']['ratio_vs_hf']:.2f} |" in lines[4] and "MFU -" in lines[4]
     assert f"| {results['dpo_1b']['ratio_vs_hf']:.2f} |" in lines[5]
-    assert "batch 1 | 300.0 tok/s | 200.0 tok/s | 1.50 |" in lines[6] and "batch 64" in lines[7]
-    assert "eval workload (ours 64 slots; transformers best batch 32) | 1.0 s | 2.0 s | 2.00 |" in lines[8]
-    assert "failed (see lora_7b.log)" in lines[9] and len(lines) == 10
+    assert "batch 1, CUDA graph | 300.0 tok/s | 200.0 tok/s | 1.50 |" in lines[6] and "batch 64, CUDA" in lines[7]
+    assert "batch 1, eager step | 300.0 tok/s | 200.0 tok/s | 1.50 |" in lines[8]
+    assert "eval workload (ours 64 slots; transformers best batch 32) | 1.0 s | 2.0 s | 2.00 |" in lines[9]
+    assert "failed (see lora_7b.log)" in lines[10] and len(lines) == 11
     assert gpu_report.suite_summary("...\n===== 650 passed, 1 skipped in 91.2s =====\n") == "650 passed, 1 skipped"
 
 

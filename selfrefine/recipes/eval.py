@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import distributed
 from ..answers import answer, encode_prompts, load_questions
 from ..config import UsageError, setting
+from ..decode_step import GRAPH_CHOICES, GRAPHS_HELP, use_static_step
 from ..errors import fail
 from ..files import read_jsonl, remove_stale_temps, write_json, write_jsonl
 from ..flags import nonneg_int, positive_int
@@ -47,6 +48,7 @@ class EvalConfig(ModelOptions):
                         "questions after those trained on)", parse=nonneg_int, group=TASKS)
     prompt: str = setting("cot", "the prompt type", choices=["cot", "direct"])
     batch_size: int = setting(16, "decoding slots", parse=positive_int)
+    cuda_graphs: str = setting("auto", GRAPHS_HELP, choices=list(GRAPH_CHOICES))
     max_new_tokens: int = setting(256, "answer budget in tokens (an answer cut here counts as wrong)",
                                   parse=positive_int)
     out: str | None = setting(None, "report JSON; predictions go to OUT-stem.<task>.predictions.jsonl "
@@ -106,7 +108,7 @@ def evaluate(model, tok, cfg: EvalConfig, task: str, path: str | None, loaded) -
     prompts = encode_prompts(tok, questions, cfg.prompt, model.config.max_position_embeddings, source=path)
     rows = answer(model, tok, task, questions, kind, cfg.prompt, prompts,
                   SamplingParams(max_new_tokens=cfg.max_new_tokens), batch_size=cfg.batch_size,
-                  progress=not cfg.no_progress)
+                  progress=not cfg.no_progress, static=use_static_step(cfg.cuda_graphs, model.lm_head.weight.device))
     preds = [{k: rows[(i, 0)][k] for k in PREDICTION_KEYS} for i in range(len(questions))]
     k, n = sum(p["correct"] for p in preds), len(preds)
     pred_path = cfg.predictions_path(task)

@@ -13,6 +13,7 @@ from .. import distributed
 from ..answers import answer, encode_prompts
 from ..config import setting
 from ..data import EXPORT_FORMATS, exported
+from ..decode_step import GRAPH_CHOICES, GRAPHS_HELP, use_static_step
 from ..errors import fail
 from ..files import append_jsonl, drop_torn_tail, read_jsonl, remove_stale_temps, write_jsonl
 from ..fingerprint import path_digest
@@ -47,6 +48,7 @@ class SampleConfig(QuestionOptions, ModelOptions):
     top_k: int = sampling(0, "0 = off", nonneg_int)
     max_new_tokens: int = sampling(256, "answer budget in tokens", positive_int)
     batch_size: int = sampling(16, "decoding slots", positive_int)
+    cuda_graphs: str = setting("auto", GRAPHS_HELP, choices=list(GRAPH_CHOICES))
     seed: int = sampling(0, "sampling seed (a sample depends only on seed, question and sample index)", nonneg_int)
     no_chat: bool = sampling(False, "plain text prompts, no chat template")
     out: str | None = setting(None, "samples JSONL (written atomically at the end); required unless "
@@ -103,7 +105,7 @@ def read_partial(path: Path, header: dict) -> dict[tuple[str, int, int], dict]:
 def partial_header(cfg: SampleConfig) -> dict:
     """What a partial file must have been made with to be resumed: the settings that change the samples, and
     the input files by content hash."""
-    how = ("resume", "no_progress", "batch_size", "quiet", "verbose")  # how to run, not what is sampled
+    how = ("resume", "no_progress", "batch_size", "cuda_graphs", "quiet", "verbose")  # how to run, not what is sampled
     header = {k: v for k, v in asdict(cfg).items() if k not in how}
     return {**header, "inputs": {flag: path_digest(getattr(cfg, flag)) for flag in ("model", "adapter", "data")}}
 
@@ -160,6 +162,7 @@ def run(cfg: SampleConfig) -> list[dict]:
         new = answer(model, tok, cfg.task, questions, kind, ptype, encoded[ptype], params,
                      batch_size=cfg.batch_size, seed=cfg.seed + (0 if ptype == "cot" else 1_000_003),
                      progress=not cfg.no_progress, done=set(before),
+                     static=use_static_step(cfg.cuda_graphs, model.lm_head.weight.device),
                      on_record=lambda row, rec: append_jsonl(partial, {**rec, "_q": row[0]}))
         rows = {**before, **new}
         records += [{k: v for k, v in rows[(i, j)].items() if k != "_q"}

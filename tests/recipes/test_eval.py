@@ -183,3 +183,15 @@ def test_flags_required_only_without_compare(tmp_path: Path, capsys):
         eval_recipe.main(["--compare", "a"])  # nargs=2
     help_text = parser(eval_recipe.EvalConfig, "eval.py", None).format_help()
     assert "--compare" in help_text and "A B" in help_text
+
+
+def test_cuda_graphs_on_gives_the_same_predictions(tiny_dir: Path, tmp_path: Path, monkeypatch):
+    """--cuda-graphs on (the fixed-shape decode step, uncaptured on this CPU) predicts what off does."""
+    from selfrefine.decode_step import StaticStep
+
+    steps = []
+    forward = StaticStep.forward
+    monkeypatch.setattr(StaticStep, "forward", lambda self: (steps.append(1), forward(self))[1])
+    on, off = (predictions(run_eval(tiny_dir, tmp_path / f"{c}.json", "--cuda-graphs", c, "--dtype", "float32",
+                                    "--max-new-tokens", "12")) for c in ("on", "off"))
+    assert on == off and len(steps) == 11  # 12 tokens: 11 decode forwards, all under --cuda-graphs on

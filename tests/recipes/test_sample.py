@@ -170,3 +170,20 @@ def test_an_output_name_with_glob_characters_leaves_no_partial_file(tiny_dir: Pa
     out = tmp_path / "run[1]*.jsonl"
     sample.run(config(tiny_dir, out, task="raw", data=str(raw_data)))
     assert out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, raw_data.name])
+
+
+def test_cuda_graphs_on_runs_the_static_step_and_samples_the_same(tiny_dir: Path, tmp_path: Path, monkeypatch):
+    """--cuda-graphs on runs the fixed-shape decode step (uncaptured on this CPU) and writes the same samples as
+    off; auto on a CPU is the eager step."""
+    from selfrefine.decode_step import StaticStep
+
+    steps = []
+    forward = StaticStep.forward
+    monkeypatch.setattr(StaticStep, "forward", lambda self: (steps.append(1), forward(self))[1])
+    records = {}
+    for choice in ("off", "auto", "on"):
+        steps.clear()
+        records[choice] = sample.run(config(tiny_dir, tmp_path / f"{choice}.jsonl", task="arith", size=SIZE, n=3,
+                                            max_new_tokens=8, dtype="float32", cuda_graphs=choice))
+        assert bool(steps) == (choice == "on")
+    assert records["on"] == records["off"] == records["auto"]
