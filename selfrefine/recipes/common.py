@@ -59,7 +59,7 @@ class ModelOptions(LogOptions):
     adapter: str | None = setting(None, "LoRA adapter directory to apply on top of --model", group="model")
     device: str = setting("auto", "auto (cuda if available), cpu or cuda[:N]", parse=device_name, group="model")
     dtype: str = setting("auto", "weights dtype; auto = bfloat16 where the device has native bf16 (CUDA, "
-                         "AVX512-BF16/AMX CPUs), else float32", choices=["auto", *WEIGHT_DTYPES], group="model")
+                         "AVX512-BF16/AMX CPUs measured faster in bf16), else float32", choices=["auto", *WEIGHT_DTYPES], group="model")
     chat_format: str | None = setting(None, "how chats are written: template (the model's own chat template, the "
                                       f"default where it has one), {', '.join(CHAT_FORMATS)}, or a .jinja file",
                                       metavar="NAME|FILE.jinja", group="model")
@@ -115,7 +115,7 @@ class TrainingOptions(ModelOptions):
                         group=TRAINING)
     save_every: int = setting(0, "checkpoint every K steps (always at the end)", parse=nonneg_int, group=TRAINING)
     precision: str = setting("auto", "auto: bfloat16 autocast where the device has native bf16 (CUDA, "
-                             "AVX512-BF16/AMX CPUs), float16 + grad scaler on other GPUs, else float32",
+                             "AVX512-BF16/AMX CPUs measured faster in bf16), float16 + grad scaler on other GPUs, else float32",
                              choices=["auto", "float32"], group=TRAINING)
     gradient_checkpointing: bool = setting(False, "recompute activations in backward", group=TRAINING)
     fsdp: bool = setting(False, "with --full under torchrun: shard weights, gradients and optimizer state (FSDP2) "
@@ -180,8 +180,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device, training: bool) -> torch.dtype:
-    """Inference: bfloat16 weights where the device has bf16 math natively (`bf16_native`: CUDA, recent x86 CPUs),
-    about twice the float32 speed. Training keeps float32 master weights (autocast does the bf16 math)."""
+    """Inference: bfloat16 weights where bf16 math is native and faster (`bf16_native`: CUDA, CPUs where it is
+    measured faster). Training keeps float32 master weights (autocast does the bf16 math)."""
     if name != "auto":
         return WEIGHT_DTYPES[name]
     return torch.bfloat16 if not training and bf16_native(device) else torch.float32
