@@ -418,13 +418,17 @@ def run_seed(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     return args.seed if args.seed is not None else cfg.get("seed", 0)
 
 
+def config_inputs(cfg: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """Every file or folder the config reads, with the flag or key that names it (None where it names none)."""
+    evals = [s for split in (*SPLITS, VALIDATION) for s in eval_specs(cfg, split)]
+    return [("--model", cfg.get("model")), ("--teacher", cfg.get("teacher", {}).get("model")),
+            ("train.data", cfg["train"].get("data")), ("sample.data", cfg["sample"].get("data")),
+            *((f"eval data of {s['task']}", s.get("data")) for s in evals)]
+
+
 def check_paths(cfg: dict[str, Any], out: str) -> None:
     """Every input the config names is there and OUT can be written: before the first stage runs."""
-    evals = [s for split in (*SPLITS, VALIDATION) for s in eval_specs(cfg, split)]
-    check_outputs([("--model", cfg.get("model")), ("--teacher", cfg.get("teacher", {}).get("model")),
-                   ("train.data", cfg["train"].get("data")), ("sample.data", cfg["sample"].get("data")),
-                   *((f"eval data of {s['task']}", s.get("data")) for s in evals)],
-                  {"--out": out}, folders=["--out"], may_hold_inputs=True)
+    check_outputs(config_inputs(cfg), {"--out": out}, folders=["--out"], may_hold_inputs=True)
 
 
 def config_path(name: str) -> str:

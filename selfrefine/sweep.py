@@ -22,10 +22,10 @@ from typing import Any, Callable
 from .config import parse_override
 from .errors import cli_main, fail
 from .files import read_json, write_json
-from .fingerprint import code_version, digest
+from .fingerprint import code_version, digest, path_digest
 from .log import logger
-from .pipeline import (RESULT_KEYS, Pipeline, check_paths, config_parser, format_cell, format_diff, load_config,
-                       parse_args, row_name, run_seed)
+from .pipeline import (RESULT_KEYS, Pipeline, check_paths, config_inputs, config_parser, format_cell, format_diff,
+                       load_config, parse_args, row_name, run_seed)
 from .pipeline_config import SPLITS, VALIDATION, apply_overrides, eval_specs
 from .recipes.eval import compare_predictions
 from .runs import describe
@@ -61,12 +61,13 @@ def variant_pipelines(args: argparse.Namespace) -> tuple[dict[str, Any], list[tu
 def run_variants(variants: list[tuple[list[str], dict[str, Any]]], pipelines: list[Pipeline], path: Path,
                  force: bool, measure_one: Callable[[Pipeline], dict[str, Any]], header: dict[str, Any]) -> list[dict]:
     """Each variant measured in turn into `path` ({**header, "variants": [...]}, rewritten as each finishes, so an
-    interrupted sweep keeps what it measured). A variant already there under the same config, seed and code is not
-    measured again (all are with --force)."""
+    interrupted sweep keeps what it measured). A variant already there under the same config, seed, code and
+    inputs (the model and data files, by content) is not measured again (all are with --force)."""
     done = {v["key"]: v for v in (read_json(path)["variants"] if path.exists() and not force else [])}
     results = []
     for (settings, cfg), pipeline in zip(variants, pipelines):
-        key = digest({"config": cfg, "seed": pipeline.seed, "code": code_version()})
+        inputs = [path_digest(p) for _, p in config_inputs(cfg)]
+        key = digest({"config": cfg, "seed": pipeline.seed, "code": code_version(), "inputs": inputs})
         if key not in done:
             logger.info(f"{path.stem}: {' '.join(settings)}")
             done[key] = {"settings": settings, "key": key, **measure_one(pipeline)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def test_sweep_reuses_shared_stages_measures_only_validation_and_resumes(tmp_pat
     assert "(chosen)" in printed and "chosen on eval.validation (self_refine)" in printed
     sweep.main(args)  # both measured under this config and code: nothing runs
     assert stage_lines(capsys.readouterr().out)[1] == set()
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # another model file
+    again = sweep.main(args)
+    assert "dpo" in stage_lines(capsys.readouterr().out)[1]  # measured again, not read back
+    assert [v["key"] for v in again["variants"]] != [v["key"] for v in summary["variants"]]
 
 
 @pytest.mark.parametrize("validation, says", [
