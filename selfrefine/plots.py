@@ -91,21 +91,31 @@ def report_figure(report: dict[str, Any], path: str | os.PathLike) -> Figure:
     return fig
 
 
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def study_figure(variants: list[dict[str, Any]], path: str | os.PathLike) -> Figure | None:
     """A study (`selfrefine.study`): one panel per (split, task), SFT and SFT+self-refine accuracy with their 95%
-    intervals against the variant, so a trend (over the number of demonstrations, say) reads at a glance. None,
-    and nothing written, without matplotlib."""
+    intervals against the variant, so a trend (over the number of demonstrations, say) reads at a glance: joined by
+    lines where every setting is a number, unjoined where a variant is a kind (pairs.strategy=paper, say), which
+    has no order to trend along. None, and nothing written, without matplotlib."""
     if importlib.util.find_spec("matplotlib") is None:
         return None
     from .pipeline import row_name  # here, not at the top: the pipeline imports this module
 
     cells = split_tasks(variants[0]["rows"]["sft"])
+    fmt = "o-" if all(is_number(s.split("=", 1)[1]) for v in variants for s in v["settings"]) else "o"
     fig, axes = cell_panels(len(cells), (1.5 + 0.9 * len(variants), 3.6))
     for ax, (split, task) in zip(axes, cells):
         for i, row in enumerate(("sft", "self_refine")):
             acc, err = interval_bars([v["rows"][row][split][task] for v in variants])
             x = [j + 0.08 * (i - 0.5) for j in range(len(variants))]  # side by side, not on top of each other
-            ax.errorbar(x, acc, yerr=err, fmt="o-", capsize=3, label=row_name(row))
+            ax.errorbar(x, acc, yerr=err, fmt=fmt, capsize=3, label=row_name(row))
         ax.set_xticks(range(len(variants)), [" ".join(v["settings"]) for v in variants], rotation=20, fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")

@@ -46,7 +46,20 @@ def test_study_figure_has_a_panel_per_split_and_task(tmp_path: Path):
     cell = {"n": 10, "accuracy": 0.5, "ci95": [0.2, 0.8]}
     rows = {row: {"in_domain": {"arith": cell}, "out_of_domain": {"arith_ood": cell, "gsm8k": cell}}
             for row in ("sft", "self_refine")}
-    variants = [{"settings": [f"train.size={n}"], "rows": rows} for n in (16, 32, 64)]
+    variants = [{"settings": [f"train.size={n}", "sample.size=400"], "rows": rows} for n in (16, 32, 64)]
     fig = study_figure(variants, tmp_path / "s.png")
     assert len(fig.axes) == 3 and all(len(ax.lines) >= 2 for ax in fig.axes)
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    joined = {bars.lines[0].get_linestyle() for ax in fig.axes for bars in ax.containers}  # the data lines
+    assert joined == {"-"}  # a trend over the number of demonstrations
+
+
+def test_study_figure_does_not_join_kinds_of_variant_with_lines(tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    from selfrefine.plots import study_figure
+
+    cell = {"n": 10, "accuracy": 0.5, "ci95": [0.2, 0.8]}
+    rows = {row: {"in_domain": {"arith": cell}} for row in ("sft", "self_refine")}
+    variants = [{"settings": [f"pairs.strategy={s}", "dpo.beta=0.1"], "rows": rows} for s in ("paper", "cot-vs-direct")]
+    fig = study_figure(variants, tmp_path / "s.png")
+    assert {bars.lines[0].get_linestyle() for bars in fig.axes[0].containers} == {"None"}
