@@ -1,17 +1,19 @@
-"""Several seeds in one report: means and spreads per cell, and paired tests pooled over seeds and questions."""
+"""Several seeds in one report: means and spreads per cell, paired tests pooled over seeds and questions, and the
+seeds' differences as one sample (the seed level)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from selfrefine import flags, pipeline, seeds
 from selfrefine.errors import UserError
-from selfrefine.tasks.stats import mcnemar_exact_p, paired_comparison
+from selfrefine.tasks.stats import mcnemar_exact_p, paired_comparison, seed_level
 from tests.helpers import make_tiny_model_dir
 from tests.test_pipeline import TINY
 
@@ -27,7 +29,8 @@ def fake_report(tmp: Path, seed: int, flags: dict[str, list[bool]]) -> dict:
     rows = {row: {"in_domain": {"arith": {
         "accuracy": sum(f) / len(f), "no_answer_rate": 0.0,
         "predictions": predictions(tmp / f"{seed}.{row}.jsonl", f)}}} for row, f in flags.items()}
-    return {"rows": rows}
+    diff = asdict(paired_comparison(flags["sft"], flags["self_refine"]))
+    return {"rows": rows, "comparisons": {"self_refine_vs_sft": {"in_domain": {"arith": diff}}}}
 
 
 def test_means_spreads_and_pooled_test(tmp_path: Path):
@@ -47,6 +50,11 @@ def test_means_spreads_and_pooled_test(tmp_path: Path):
     table = seeds.markdown(summary, pipeline.row_name, {"self_refine_vs_sft": ("sft", "self_refine")})
     assert "| in_domain | arith | 50.0% +- 14.1 [40.0, 60.0] | 80.0% +- 0.0 [80.0, 80.0] | +30.0" in table
     assert "p=0.2500 (n=10)" in table
+    by_seed = summary["seed_level"]["self_refine_vs_sft"]["in_domain"]["arith"]
+    assert by_seed["values"] == pytest.approx([0.4, 0.2])  # seed 0: +2 of 5, seed 1: +1 of 5
+    assert by_seed == asdict(seed_level([0.4, 0.2]))
+    lo, hi = by_seed["ci95"]
+    assert f"+30.0 [{100 * lo:+.1f}, {100 * hi:+.1f}] p={seeds.format_p(by_seed['p'])} (2 seeds)" in table
 
 
 def test_seed_list_flag():
@@ -70,7 +78,9 @@ def test_pipeline_runs_seeds_into_one_report(tmp_path: Path, capsys):
     cell = saved["rows"]["sft"]["in_domain"]["arith"]["accuracy"]
     assert cell["values"] == [r["rows"]["sft"]["in_domain"]["arith"]["accuracy"] for r in per_seed.values()]
     assert saved["pooled"]["self_refine_vs_sft"]["out_of_domain"]["arith_ood"]["n"] == 2 * 3
-    assert "(pooled)" in printed
+    assert "(pooled)" in printed and "(seeds)" in printed
+    assert saved["seed_level"]["self_refine_vs_sft"]["in_domain"]["arith"]["values"] == [
+        r["comparisons"]["self_refine_vs_sft"]["in_domain"]["arith"]["diff"] for r in per_seed.values()]
     # the base model is evaluated once (seed 0's run), and seed 3's report reads those predictions
     assert printed.count("[eval_base_in_domain] ...") == 1 and printed.count("[eval_sft_in_domain] ...") == 2
     assert not (out / "seed3" / "eval" / "base.in_domain.json").exists()

@@ -2,7 +2,10 @@
 where the normal (Wald) interval collapses to a width of zero. Accuracies on a few hundred questions need it.
 
 Paired comparison: two models graded on the same questions, the exact McNemar test and Agresti and Min's
-adjusted Wald interval for the difference of their accuracies."""
+adjusted Wald interval for the difference of their accuracies.
+
+Seed level: one number per seed (a paired difference, say), Student's t interval and test of their mean. With a
+handful of seeds the t distribution's heavy tails are the honest width; the normal interval would be too narrow."""
 
 from __future__ import annotations
 
@@ -88,3 +91,88 @@ def paired_comparison(a: Sequence[bool], b: Sequence[bool], z: float = 1.96) -> 
     ci = (max(-1.0, center - half), min(1.0, center + half))
     return PairedComparison(n=n, correct_a=correct_a, correct_b=correct_b, only_a=only_a, only_b=only_b,
                             diff=(correct_b - correct_a) / n, ci95=ci, p=mcnemar_exact_p(only_a, only_b))
+
+
+def incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by Lentz's continued fraction (Numerical Recipes,
+    section 6.4), evaluated where it converges fast (x < (a + 1) / (a + b + 2)) and by symmetry elsewhere."""
+    if not 0 <= x <= 1:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x in (0, 1):
+        return float(x)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(1 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, c, d, f = 1e-300, 1.0, 0.0, 1.0  # f = 1 / (1 + d1 / (1 + d2 / ...)), d_i the fraction's terms
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            term = 1.0
+        elif i % 2:
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1 + term * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + term / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(c * d - 1) < 1e-15:
+            return front * (f - 1)
+    raise ArithmeticError(f"incomplete beta did not converge at x={x}, a={a}, b={b}")
+
+
+def student_t_cdf(t: float, df: int) -> float:
+    """P[T <= t] for Student's t with `df` degrees of freedom: the two tails beyond |t| hold I_{df/(df+t^2)}(df/2,
+    1/2), the middle I_{t^2/(df+t^2)}(1/2, df/2); the smaller of the two is computed, so neither loses digits."""
+    if t * t < df:
+        middle = incomplete_beta(t * t / (df + t * t), 0.5, df / 2)
+        return 0.5 + math.copysign(middle, t) / 2
+    tails = incomplete_beta(df / (df + t * t), df / 2, 0.5)
+    return 1 - tails / 2 if t > 0 else tails / 2
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The t with P[T <= t] = q, by bisection on the cdf (monotone; 200 halvings reach double precision)."""
+    if not 0 < q < 1:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    lo, hi = -1.0, 1.0
+    while student_t_cdf(lo, df) > q:
+        lo *= 2
+    while student_t_cdf(hi, df) < q:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if student_t_cdf(mid, df) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class SeedLevel:
+    """Per-seed values (each seed's paired difference, say) as one sample of size k: their mean, sample sd, the
+    t interval of the mean and the two-sided one-sample t-test of mean 0 (None for both below two seeds)."""
+
+    values: tuple[float, ...]
+    mean: float
+    sd: float
+    ci95: tuple[float, float] | None
+    p: float | None
+
+
+def seed_level(values: Sequence[float]) -> SeedLevel:
+    """The mean of `values` with Student's t: mean +- t_{0.975, k-1} * sd / sqrt(k), and p = P[|T| >= |t|] for
+    t = mean / (sd / sqrt(k)) (1.0 when every value is 0; 0.0 when they are equal and not 0: no spread at all)."""
+    k = len(values)
+    if k == 0:
+        raise ValueError("no values")
+    mean = math.fsum(values) / k
+    if k < 2:
+        return SeedLevel(tuple(values), mean, 0.0, None, None)
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (k - 1))
+    se = sd / math.sqrt(k)
+    half = student_t_quantile(0.975, k - 1) * se
+    if se == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = 2 * student_t_cdf(-abs(mean) / se, k - 1)
+    return SeedLevel(tuple(values), mean, sd, (mean - half, mean + half), p)

@@ -1,5 +1,6 @@
 """Wilson interval: its defining property (the score test's acceptance boundary), scipy's values, hand values.
-Paired comparison: exact McNemar p against scipy's binomial test, Agresti-Min interval by hand, symmetry."""
+Paired comparison: exact McNemar p against scipy's binomial test, Agresti-Min interval by hand, symmetry.
+Seed level: Student's t against its closed forms (1 and 2 degrees of freedom) and scipy's t."""
 
 from __future__ import annotations
 
@@ -139,3 +140,49 @@ def test_paired_bad_input() -> None:
         paired_comparison([True, False], [True])
     with pytest.raises(ValueError, match="no questions"):
         paired_comparison([], [])
+
+
+@pytest.mark.parametrize("t", [-50.0, -3.0, -1e-9, 0.0, 1e-6, 0.4, 2.5, 1e4])
+def test_student_t_matches_its_closed_forms(t: float) -> None:
+    from selfrefine.tasks.stats import student_t_cdf
+
+    r = math.sqrt(2 + t * t)  # the lower tails in forms without cancellation: 0.5 - 0.4999... loses digits
+    cauchy = 0.5 + math.atan(t) / math.pi if t >= 0 else -math.atan(1 / t) / math.pi
+    two = 0.5 + t / (2 * r) if t >= 0 else 1 / (r * (r - t))
+    assert student_t_cdf(t, 1) == pytest.approx(cauchy, rel=1e-13)
+    assert student_t_cdf(t, 2) == pytest.approx(two, rel=1e-13)
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 9, 30, 300])
+def test_student_t_cdf_and_quantile_match_scipy(df: int) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    from selfrefine.tasks.stats import student_t_cdf, student_t_quantile
+
+    for t in (-40.0, -2.2, -0.3, 0.0, 0.9, 3.1, 25.0):
+        assert student_t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), rel=1e-11, abs=1e-14)
+    for q in (1e-4, 0.025, 0.3, 0.5, 0.975, 0.9999):
+        assert student_t_quantile(q, df) == pytest.approx(stats.t.ppf(q, df), rel=1e-9, abs=1e-12)
+
+
+def test_seed_level_is_the_one_sample_t_test() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    from selfrefine.tasks.stats import seed_level
+
+    rng = random.Random(0)
+    for k in (2, 3, 4, 8):
+        values = [rng.uniform(-0.1, 0.15) for _ in range(k)]
+        s = seed_level(values)
+        assert s.mean == pytest.approx(sum(values) / k) and s.sd == pytest.approx(stats.tstd(values))
+        assert s.p == pytest.approx(stats.ttest_1samp(values, 0).pvalue, rel=1e-9)
+        low, high = stats.t.interval(0.95, k - 1, loc=s.mean, scale=stats.sem(values))
+        assert s.ci95 == pytest.approx((low, high), rel=1e-9)
+
+
+def test_seed_level_edge_cases() -> None:
+    from selfrefine.tasks.stats import seed_level
+
+    one = seed_level([0.05])
+    assert (one.mean, one.sd, one.ci95, one.p) == (0.05, 0.0, None, None)
+    assert seed_level([0.0, 0.0, 0.0]).p == 1.0 and seed_level([0.02, 0.02]).p == 0.0
+    with pytest.raises(ValueError, match="no values"):
+        seed_level([])
