@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import parse_override
 from .errors import cli_main, fail
 from .files import read_json, read_jsonl
 from .flags import Parser
@@ -109,7 +110,7 @@ def study_figure(variants: list[dict[str, Any]], path: str | os.PathLike) -> Fig
     from .pipeline import row_name  # here, not at the top: the pipeline imports this module
 
     cells = split_tasks(variants[0]["rows"]["sft"])
-    fmt = "o-" if all(is_number(s.split("=", 1)[1]) for v in variants for s in v["settings"]) else "o"
+    fmt = "o-" if all(is_number(parse_override(s)[1]) for v in variants for s in v["settings"]) else "o"
     fig, axes = cell_panels(len(cells), (1.5 + 0.9 * len(variants), 3.6))
     for ax, (split, task) in zip(axes, cells):
         for i, row in enumerate(("sft", "self_refine")):

@@ -38,13 +38,16 @@ def across_seeds(reports: dict[int, dict[str, Any]], comparisons: dict[str, tupl
         rows[row] = {split: {task: {key: spread([r["rows"][row][split][task][key] for r in reports.values()])
                                     for key in ("accuracy", "no_answer_rate")}
                              for task in tasks} for split, tasks in splits.items()}
-    pooled = {name: {split: {task: asdict(pooled_comparison(reports, a, b, split, task)) for task in tasks}
-                     for split, tasks in first["rows"][a].items()}
-              for name, (a, b) in comparisons.items()}
-    by_seed = {name: {split: {task: asdict(seed_level([r["comparisons"][name][split][task]["diff"]
-                                                       for r in reports.values()])) for task in tasks}
-                      for split, tasks in first["rows"][a].items()}
-               for name, (a, b) in comparisons.items()}
+
+    def per_comparison(measure: Callable[[str, str, str, str, str], Any]) -> dict[str, Any]:
+        """comparison -> split -> task -> asdict(measure(name, a, b, split, task))."""
+        return {name: {split: {task: asdict(measure(name, a, b, split, task)) for task in tasks}
+                       for split, tasks in first["rows"][a].items()}
+                for name, (a, b) in comparisons.items()}
+
+    pooled = per_comparison(lambda name, a, b, split, task: pooled_comparison(reports, a, b, split, task))
+    by_seed = per_comparison(lambda name, a, b, split, task: seed_level(
+        [r["comparisons"][name][split][task]["diff"] for r in reports.values()]))
     return {"seeds": list(reports), "rows": rows, "pooled": pooled, "seed_level": by_seed}
 
 
