@@ -8,7 +8,9 @@ The variants run one after another in OUT, so a stage whose options did not chan
 samples, when only dpo.* varies; the first key varies slowest). OUT/sweep.json gets each variant as it finishes:
 its validation accuracy per task (95% interval), SFT+self-refine against SFT paired on the same questions, and
 the variant chosen: the highest mean accuracy of the --select row over the validation tasks (ties: the first).
-A variant already there, measured under the same config and code, is not run again.
+Every other variant is then compared with the chosen one, paired on the same questions (difference, interval,
+exact McNemar p), so a lead of a few questions is shown for what it is. A variant already there, measured under
+the same config and code, is not run again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .log import logger
 from .pipeline import (RESULT_KEYS, Pipeline, check_paths, config_inputs, config_parser, format_cell, format_diff,
                        load_config, parse_args, row_name, run_seed)
 from .pipeline_config import SPLITS, VALIDATION, apply_overrides, eval_specs
-from .recipes.eval import compare_predictions
+from .recipes.eval import compare_predictions, read_predictions
+from .tasks.stats import paired_comparison
 from .runs import describe
 
 
@@ -96,7 +99,9 @@ def measure(pipeline: Pipeline) -> dict[str, Any]:
     paired = {f"{row}_vs_sft": {task: asdict(cmp) for a, b in zip(reports["sft"], reports[row])
                                 for task, cmp in compare_predictions(a["predictions"], b["predictions"])}
               for row in names[1:]}
-    return {"rows": rows, "comparisons": paired, "stage_seconds": dict(pipeline.stages.seconds)}
+    answers = {row: {task: graded for t in reports[row] for task, graded in read_predictions(t["predictions"]).items()}
+               for row in names}  # per question, so that variants can be paired with each other afterwards
+    return {"rows": rows, "comparisons": paired, "answers": answers, "stage_seconds": dict(pipeline.stages.seconds)}
 
 
 def score(variant: dict[str, Any], row: str) -> float:
@@ -104,20 +109,54 @@ def score(variant: dict[str, Any], row: str) -> float:
     return sum(c["accuracy"] for c in cells) / len(cells)
 
 
-def markdown(variants: list[dict[str, Any]], chosen: int) -> str:
+def versus_chosen(variants: list[dict[str, Any]], chosen: int, row: str) -> list[dict[str, Any] | None]:
+    """Each variant's `row` against the chosen variant's, per task, paired question by question (by id): the
+    variant minus the chosen one. None for the chosen variant itself."""
+    base = variants[chosen]["answers"][row]
+    out: list[dict[str, Any] | None] = []
+    for i, v in enumerate(variants):
+        if i == chosen:
+            out.append(None)
+            continue
+        other = v["answers"][row]
+        if other.keys() != base.keys() or any(other[t].keys() != base[t].keys() for t in base):
+            raise ValueError(f"variant {' '.join(v['settings'])} was measured on other validation questions")
+        out.append({t: asdict(paired_comparison([base[t][q] for q in base[t]], [other[t][q] for q in base[t]]))
+                    for t in base})
+    return out
+
+
+def runner_up_line(variants: list[dict[str, Any]], chosen: int, versus: list[dict[str, Any] | None],
+                   row: str) -> str:
+    """The next best variant against the chosen one, per task, and whether the validation questions can tell the
+    two apart at all (exact McNemar p < 0.05)."""
+    others = [i for i in range(len(variants)) if i != chosen]
+    if not others:
+        return "one variant: nothing to compare it with"
+    second = max(others, key=lambda i: (score(variants[i], row), -i))
+    diffs = versus[second]
+    cells = ", ".join(f"{task} {format_diff(c)}" for task, c in diffs.items())
+    verdict = ("the validation questions separate them" if any(c["p"] < 0.05 for c in diffs.values()) else
+               "not significant: on these questions the two are indistinguishable")
+    return f"runner-up ({' '.join(variants[second]['settings'])}) - chosen: {cells}; {verdict}"
+
+
+def markdown(variants: list[dict[str, Any]], chosen: int, versus: list[dict[str, Any] | None], row: str) -> str:
     """Per variant and task: SFT, then each self-refine round with its difference against SFT and its no-answer
-    and truncation rates."""
+    and truncation rates, then the `row` (the one that chose) against the chosen variant's."""
     rounds = list(variants[0]["rows"])[1:]
     lines = ["| variant | task | n | SFT | " + " | ".join(
-        f"{row_name(r)} | {row_name(r)} - SFT | no answer / cut" for r in rounds) + " |",
-             "|---|---|---:|---|" + "---|---|---|" * len(rounds)]
+        f"{row_name(r)} | {row_name(r)} - SFT | no answer / cut" for r in rounds) + f" | {row_name(row)}: variant - chosen |",
+             "|---|---|---:|---|" + "---|---|---|" * len(rounds) + "---|"]
     for i, v in enumerate(variants):
         name = " ".join(v["settings"]) + (" **(chosen)**" if i == chosen else "")
         for task, sft in v["rows"]["sft"].items():
             cells = [f"{format_cell(v['rows'][r][task])} | {format_diff(v['comparisons'][f'{r}_vs_sft'][task])} | "
                      f"{100 * v['rows'][r][task]['no_answer_rate']:.1f}% / "
                      f"{100 * v['rows'][r][task]['truncation_rate']:.1f}%" for r in rounds]
-            lines.append(f"| {name} | {task} | {sft['n']} | {format_cell(sft)} | " + " | ".join(cells) + " |")
+            against = "-" if versus[i] is None else format_diff(versus[i][task])
+            lines.append(f"| {name} | {task} | {sft['n']} | {format_cell(sft)} | " + " | ".join(cells) +
+                         f" | {against} |")
     return "\n".join(lines)
 
 
@@ -149,10 +188,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = out / "sweep.json"
     results = run_variants(variants, pipelines, path, args.force, measure, {"select": args.select, "chosen": None})
     chosen = max(range(len(results)), key=lambda i: (score(results[i], args.select), -i))
-    summary = {"select": args.select, "variants": results, "chosen": results[chosen]["settings"]}
+    versus = versus_chosen(results, chosen, args.select)
+    summary = {"select": args.select, "variants": results, "chosen": results[chosen]["settings"],
+               "versus_chosen": versus}
     write_json(path, summary)
-    print(markdown(results, chosen))
+    print(markdown(results, chosen, versus, args.select))
     print(f"chosen on eval.{VALIDATION} ({args.select}): {' '.join(results[chosen]['settings'])}; -> {path}")
+    print(runner_up_line(results, chosen, versus, args.select))
     return summary
 
 

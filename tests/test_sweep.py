@@ -66,6 +66,11 @@ def test_sweep_reuses_shared_stages_measures_only_validation_and_resumes(tmp_pat
     assert saved["chosen"] == saved["variants"][scores.index(max(scores))]["settings"]
     for v in saved["variants"]:
         assert v["rows"]["sft"]["arith"]["n"] == 5 and v["comparisons"]["self_refine_vs_sft"]["arith"]["n"] == 5
+        graded = v["answers"]["self_refine"]["arith"]
+        assert len(graded) == 5 and sum(graded.values()) == round(5 * v["rows"]["self_refine"]["arith"]["accuracy"])
+    chosen = saved["variants"].index(next(v for v in saved["variants"] if v["settings"] == saved["chosen"]))
+    assert saved["versus_chosen"][chosen] is None and saved["versus_chosen"][1 - chosen]["arith"]["n"] == 5
+    assert "runner-up (" in printed and "variant - chosen" in printed
     report = json.loads((out / "eval" / "sft.validation.json").read_text())
     assert (report["split"], report["skip"], report["n"]) == ("train", 8, 5)
     assert "(chosen)" in printed and "chosen on eval.validation (self_refine)" in printed
@@ -76,6 +81,35 @@ def test_sweep_reuses_shared_stages_measures_only_validation_and_resumes(tmp_pat
     again = sweep.main(args)
     assert "dpo" in stage_lines(capsys.readouterr().out)[1]  # measured again, not read back
     assert [v["key"] for v in again["variants"]] != [v["key"] for v in summary["variants"]]
+
+
+def graded_variant(settings: list[str], correct: list[bool]) -> dict:
+    answers = {f"q{i}": c for i, c in enumerate(correct)}
+    return {"settings": settings, "rows": {"self_refine": {"arith": {"accuracy": sum(correct) / len(correct)}}},
+            "answers": {"self_refine": {"arith": answers}}}
+
+
+def test_variants_are_compared_with_the_chosen_one_question_by_question():
+    """The paired comparison matches questions by id (here stored in another order), and a lead of one question
+    in twenty is called indistinguishable while a lead of twelve is not."""
+    best = graded_variant(["a=1"], [True] * 14 + [False] * 6)
+    close = graded_variant(["a=2"], [True] * 13 + [False] * 7)
+    close["answers"]["self_refine"]["arith"] = dict(reversed(close["answers"]["self_refine"]["arith"].items()))
+    far = graded_variant(["a=3"], [False] * 12 + [True] * 2 + [False] * 6)
+    variants = [close, best, far]
+    chosen = max(range(3), key=lambda i: sweep.score(variants[i], "self_refine"))
+    versus = sweep.versus_chosen(variants, chosen, "self_refine")
+    assert chosen == 1 and versus[1] is None
+    assert (versus[0]["arith"]["only_a"], versus[0]["arith"]["only_b"], versus[0]["arith"]["p"]) == (1, 0, 1.0)
+    assert (versus[2]["arith"]["only_a"], versus[2]["arith"]["only_b"]) == (12, 0)
+    assert versus[2]["arith"]["p"] == pytest.approx(2 * 0.5 ** 12)  # exact McNemar: all 12 discordant one way
+    line = sweep.runner_up_line(variants, chosen, versus, "self_refine")
+    assert "runner-up (a=2)" in line and "-5.0" in line and "indistinguishable" in line
+    assert "separate them" in sweep.runner_up_line([far, best], 1, sweep.versus_chosen([far, best], 1, "self_refine"),
+                                                  "self_refine")
+    other = graded_variant(["a=4"], [True] * 19)  # one question fewer: not the same validation questions
+    with pytest.raises(ValueError, match="other validation questions"):
+        sweep.versus_chosen([best, other], 0, "self_refine")
 
 
 @pytest.mark.parametrize("validation, says", [
