@@ -145,8 +145,8 @@ def markdown(variants: list[dict[str, Any]], chosen: int, versus: list[dict[str,
     """Per variant and task: SFT, then each self-refine round with its difference against SFT and its no-answer
     and truncation rates, then the `row` (the one that chose) against the chosen variant's."""
     rounds = list(variants[0]["rows"])[1:]
-    lines = ["| variant | task | n | SFT | " + " | ".join(
-        f"{row_name(r)} | {row_name(r)} - SFT | no answer / cut" for r in rounds) + f" | {row_name(row)}: variant - chosen |",
+    header = " | ".join(f"{row_name(r)} | {row_name(r)} - SFT | no answer / cut" for r in rounds)
+    lines = [f"| variant | task | n | SFT | {header} | {row_name(row)}: variant - chosen |",
              "|---|---|---:|---|" + "---|---|---|" * len(rounds) + "---|"]
     for i, v in enumerate(variants):
         name = " ".join(v["settings"]) + (" **(chosen)**" if i == chosen else "")
