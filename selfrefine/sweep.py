@@ -29,7 +29,7 @@ from .log import logger
 from .pipeline import (RESULT_KEYS, Pipeline, check_paths, config_inputs, config_parser, format_cell, format_diff,
                        load_config, parse_args, row_name, run_seed)
 from .pipeline_config import SPLITS, VALIDATION, apply_overrides, eval_specs
-from .recipes.eval import compare_predictions, read_predictions
+from .recipes.eval import paired_grades, read_predictions
 from .tasks.stats import paired_comparison
 from .runs import describe
 
@@ -96,10 +96,12 @@ def measure(pipeline: Pipeline) -> dict[str, Any]:
     names = pipeline.rows[1:]  # the base model is not what a sweep chooses
     reports = {row: pipeline.evaluate(row, VALIDATION, *models[row]) for row in names}
     rows = {row: {t["task"]: {k: t[k] for k in RESULT_KEYS} for t in reports[row]} for row in names}
-    paired = {f"{row}_vs_sft": {task: asdict(cmp) for a, b in zip(reports["sft"], reports[row])
-                                for task, cmp in compare_predictions(a["predictions"], b["predictions"])}
+    graded = {t["predictions"]: read_predictions(t["predictions"]) for row in names for t in reports[row]}
+    paired = {f"{row}_vs_sft": {task: asdict(paired_comparison(*pair)) for a, b in zip(reports["sft"], reports[row])
+                                for task, pair in paired_grades(graded[a["predictions"]], graded[b["predictions"]],
+                                                                a["predictions"], b["predictions"]).items()}
               for row in names[1:]}
-    answers = {row: {task: graded for t in reports[row] for task, graded in read_predictions(t["predictions"]).items()}
+    answers = {row: {task: g for t in reports[row] for task, g in graded[t["predictions"]].items()}
                for row in names}  # per question, so that variants can be paired with each other afterwards
     return {"rows": rows, "comparisons": paired, "answers": answers, "stage_seconds": dict(pipeline.stages.seconds)}
 
@@ -121,8 +123,8 @@ def versus_chosen(variants: list[dict[str, Any]], chosen: int, row: str) -> list
         other = v["answers"][row]
         if other.keys() != base.keys() or any(other[t].keys() != base[t].keys() for t in base):
             raise ValueError(f"variant {' '.join(v['settings'])} was measured on other validation questions")
-        out.append({t: asdict(paired_comparison([base[t][q] for q in base[t]], [other[t][q] for q in base[t]]))
-                    for t in base})
+        pairs = paired_grades(base, other, " ".join(variants[chosen]["settings"]), " ".join(v["settings"]))
+        out.append({t: asdict(paired_comparison(*pair)) for t, pair in pairs.items()})
     return out
 
 

@@ -159,7 +159,12 @@ def paired_answers(path_a: str | Path, path_b: str | Path) -> dict[str, tuple[li
 
     Both files must hold the same tasks and, per task, the same question ids; otherwise a one-line UserError
     against B names the first task or id that differs ("missing" from B, or "not in" A)."""
-    a, b = read_predictions(path_a), read_predictions(path_b)
+    return paired_grades(read_predictions(path_a), read_predictions(path_b), path_a, path_b)
+
+
+def paired_grades(a: dict[str, dict[str, bool]], b: dict[str, dict[str, bool]], path_a: str | Path,
+                  path_b: str | Path) -> dict[str, tuple[list[bool], list[bool]]]:
+    """`paired_answers` of grades already read ({task: {id: correct}}, as `read_predictions` gives them)."""
     for task in a:
         if task not in b:
             fail(f"task {task} is missing (it is in {path_a})", path_b)
