@@ -33,30 +33,49 @@ def scored_positions(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return F.pad(labels[:, 1:] != ignore_index, (0, 1), value=False)
 
 
-def packed_sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100,
-                          average: bool = False) -> tuple[Tensor, Tensor]:
-    """Per-sequence sum (or mean) of completion-token log-probs and the token counts, (B,) each, from
-    `logits` (N, V) at `scored_positions(labels)` in row-major order. A sequence with no completion
-    tokens gets 0 (its mean divides by max(count, 1)).
-    """
+def scored_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """(N,) the completion tokens the `scored_positions` predict, in row-major order."""
+    return labels[:, 1:][scored_positions(labels, ignore_index)[:, :-1]]
+
+
+def sequence_sums(token: Tensor, labels: Tensor, ignore_index: int = -100,
+                  average: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-sequence sum (or mean) of completion-token log-probs and the token counts, (B,) each, from the
+    log-probs `token` (N,) of `scored_targets(labels)`. A sequence with no completion tokens gets 0 (its mean
+    divides by max(count, 1))."""
     positions = scored_positions(labels, ignore_index)
-    if logits.dim() != 2 or logits.shape[0] != int(positions.sum()):
-        raise ValueError(f"expected logits (N, V) at the {int(positions.sum())} scored positions, "
-                         f"got {tuple(logits.shape)}")
-    targets = labels[:, 1:][positions[:, :-1]]
-    # -cross_entropy is the fused log-softmax-and-pick: one pass over the logits, in float32.
-    token = -F.cross_entropy(logits.float(), targets, reduction="none")
+    if token.shape != (int(positions.sum()),):
+        raise ValueError(f"expected (N,) log-probs at the {int(positions.sum())} scored positions, "
+                         f"got {tuple(token.shape)}")
     counts = positions.sum(-1)
     total = torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device)
     total = total.index_add(0, positions.nonzero()[:, 0], token)
     return (total / counts.clamp(min=1) if average else total), counts
 
 
-def packed_sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy over all completion tokens of the batch (token-weighted, like
-    `F.cross_entropy(ignore_index=...)`), so long answers weigh by their length; 0 if there are none."""
-    total, counts = packed_sequence_logps(logits, labels, ignore_index)
+def packed_sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                          average: bool = False) -> tuple[Tensor, Tensor]:
+    """`sequence_sums` from `logits` (N, V) at `scored_positions(labels)` in row-major order (the recipes
+    score from hidden states instead, `model(..., targets=...)`, which never holds these logits)."""
+    positions = scored_positions(labels, ignore_index)
+    if logits.dim() != 2 or logits.shape[0] != int(positions.sum()):
+        raise ValueError(f"expected logits (N, V) at the {int(positions.sum())} scored positions, "
+                         f"got {tuple(logits.shape)}")
+    # -cross_entropy is the fused log-softmax-and-pick: one pass over the logits, in float32.
+    token = -F.cross_entropy(logits.float(), scored_targets(labels, ignore_index), reduction="none")
+    return sequence_sums(token, labels, ignore_index, average)
+
+
+def mean_nll(total: Tensor, counts: Tensor) -> Tensor:
+    """The SFT loss from `sequence_sums`: mean cross-entropy over all completion tokens of the batch
+    (token-weighted, like `F.cross_entropy(ignore_index=...)`), so long answers weigh by their length; 0 if
+    there are none."""
     return -total.sum() / counts.sum().clamp(min=1)
+
+
+def packed_sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """`mean_nll` from `logits` (N, V) at `scored_positions(labels)`."""
+    return mean_nll(*packed_sequence_logps(logits, labels, ignore_index))
 
 
 def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100,

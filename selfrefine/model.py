@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, attention_mask
 from .rope import inverse_frequencies, rope_cos_sin
+from .token_logps import head_token_logps
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -230,11 +231,17 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """`logits_at` (B, T) bool: project only those positions, returning (N, vocab) logits (`scored_logits`:
-        in the head's own dtype, float32 in training, even under autocast)."""
+        in the head's own dtype, float32 in training, even under autocast). With `targets` (N,) as well: their
+        log-probs (N,) in float32 (`scored_token_logps`), the training losses' input, without (N, vocab) logits."""
         hidden = self.hidden_states(input_ids, positions, key_mask, cache)
-        return self.lm_head(hidden) if logits_at is None else self.scored_logits(hidden[logits_at])
+        if logits_at is None:
+            if targets is not None:
+                raise ValueError("targets need logits_at, the positions that predict them")
+            return self.lm_head(hidden)
+        hidden = hidden[logits_at]
+        return self.scored_logits(hidden) if targets is None else self.scored_token_logps(hidden, targets)
 
     def scored_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on (N, hidden) states whose logits feed a log-softmax (the training losses), with autocast
@@ -243,3 +250,9 @@ class Transformer(nn.Module):
         that size on every token) before the log-softmax."""
         with torch.autocast(hidden.device.type, enabled=False):
             return self.lm_head(hidden.to(self.lm_head.weight.dtype))
+
+    def scored_token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets) at (N, hidden) states, from the head's float32 weights with autocast off as in
+        `scored_logits`, chunk by chunk (`token_logps`): the same numbers without holding (N, vocab) logits."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return head_token_logps(hidden, self.lm_head.weight, targets)

@@ -21,7 +21,7 @@ from ..fingerprint import code_version, digest, model_digest
 from ..flags import fraction, nonneg_float, positive_float, positive_int
 from ..log import logger
 from ..lora import adapter_disabled
-from ..losses import dpo_loss, packed_sequence_logps, scored_positions
+from ..losses import dpo_loss, scored_positions, scored_targets, sequence_sums
 from ..paths import check_outputs
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
 from ..progress import progress_bar
@@ -112,8 +112,8 @@ class DPOStep:
     def logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(model.parameters()).device
         labels = batch["labels"].to(device)
-        logits = model(batch["input_ids"].to(device), logits_at=scored_positions(labels))
-        return packed_sequence_logps(logits, labels, average=self.objective.average_logps)
+        token = model(batch["input_ids"].to(device), logits_at=scored_positions(labels), targets=scored_targets(labels))
+        return sequence_sums(token, labels, average=self.objective.average_logps)
 
     @torch.no_grad()
     def reference_logps(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

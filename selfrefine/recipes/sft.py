@@ -10,7 +10,7 @@ import torch
 from ..data import encode_sft, pad_batch, read_sft
 from ..config import setting
 from ..log import logger
-from ..losses import packed_sft_loss, scored_positions
+from ..losses import mean_nll, scored_positions, scored_targets, sequence_sums
 from ..paths import check_outputs
 from ..runs import start_run
 from ..trainer import held_out_loss, train
@@ -28,8 +28,8 @@ class SFTConfig(TrainingOptions):
 def sft_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
     device = next(model.parameters()).device
     labels = batch["labels"].to(device)
-    logits = model(batch["input_ids"].to(device), logits_at=scored_positions(labels))
-    return packed_sft_loss(logits, labels), {}, batch["n_tokens"]
+    token = model(batch["input_ids"].to(device), logits_at=scored_positions(labels), targets=scored_targets(labels))
+    return mean_nll(*sequence_sums(token, labels)), {}, batch["n_tokens"]
 
 
 def completion_tokens(batch: dict) -> int:
