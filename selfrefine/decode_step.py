@@ -42,7 +42,7 @@ class EagerStep:
         self.cache.index, self.cache.span = index, max(at) + 1
         mask = (torch.arange(self.cache.span, device=device)[None] <= index[:, None])[:, None, None]
         hidden = self.model.hidden_states(torch.tensor(ids, device=device)[:, None], index[:, None], mask, self.cache)
-        self.logits[:len(ids)] = self.model.lm_head(hidden[:, -1]).float()
+        self.model.logits_into(hidden[:, -1], self.logits[:len(ids)])
 
 
 class StaticStep:
@@ -61,7 +61,7 @@ class StaticStep:
         self.cache.index, self.cache.span = self.index, self.cache.max_len
         mask = (self.keys[None] <= self.index[:, None])[:, None, None]
         hidden = self.model.hidden_states(self.ids, self.index[:, None], mask, self.cache)
-        self.logits.copy_(self.model.lm_head(hidden[:, -1]).float())
+        self.model.logits_into(hidden[:, -1], self.logits)
 
     def __call__(self, ids: list[int], at: list[int]) -> None:
         """As `EagerStep`; the slots from len(ids) on are fed token 0 at position 0."""

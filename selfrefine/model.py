@@ -251,6 +251,18 @@ class Transformer(nn.Module):
         with torch.autocast(hidden.device.type, enabled=False):
             return self.lm_head(hidden.to(self.lm_head.weight.dtype))
 
+    @torch.no_grad()
+    def logits_into(self, hidden: torch.Tensor, out: torch.Tensor) -> None:
+        """The head's logits of (n, hidden) states written into `out` (n, vocab): straight into it when the head
+        has `out`'s dtype, so a decode step allocates no fresh (slots x vocab) tensor (on a CPU a fresh 25 MB one
+        faults its pages in again every step); through a cast otherwise (a bfloat16 model, float32 logits). No
+        gradient: a buffer the sampler reads."""
+        weight = self.lm_head.weight
+        if weight.dtype == out.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            torch.mm(hidden, weight.t(), out=out)
+        else:
+            out.copy_(self.lm_head(hidden))
+
     def scored_token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets) at (N, hidden) states, from the head's float32 weights with autocast off as in
         `scored_logits`, chunk by chunk (`token_logps`): the same numbers without holding (N, vocab) logits."""

@@ -7,7 +7,7 @@ logits, their log-softmax, its gradient), plus a zero-filled N x V gradient from
 fault in on first touch (about 250,000 page faults in one DPO step of the demo); on a GPU it is the peak
 memory of a LoRA step at a large vocabulary.
 
-Here the head runs over chunks of rows. The forward keeps only the logsumexp of each row; the backward
+Here the head runs over chunks of rows (`chunks.chunk_rows`: 85 rows of SmolLM2's logits on a CPU). The forward keeps only the logsumexp of each row; the backward
 recomputes a chunk's logits (one more head matmul) and turns them into that chunk's gradient in place:
 d log p(t) / d logits = onehot(t) - softmax(logits). The math is the log-softmax's, so results agree with
 `F.cross_entropy` to rounding (tests/test_token_logps.py checks values and gradients in float64).
@@ -18,17 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# A chunk's logits stay below glibc's largest dynamic mmap threshold (32 MiB) on a CPU, so the same heap block
-# is reused chunk after chunk instead of faulting in fresh pages; on an accelerator bigger chunks mean fewer,
-# larger matmuls, and the caching allocator reuses the memory anyway.
-CHUNK_BYTES = {"cpu": 16 << 20}
-DEFAULT_CHUNK_BYTES = 512 << 20
-
-
-def chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk: a chunk's float32 logits fit the device's budget (`CHUNK_BYTES`)."""
-    budget = CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
-    return max(1, budget // (4 * vocab))
+from .chunks import chunk_rows
 
 
 class _HeadTokenLogps(torch.autograd.Function):
@@ -66,9 +56,9 @@ class _HeadTokenLogps(torch.autograd.Function):
 
 def head_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, rows: int | None = None) -> Tensor:
     """(N,) log p(targets[n]) under logits `hidden @ weight.T`, for (N, H) `hidden`, (V, H) `weight` and (N,)
-    `targets`, in float32 (float64 for float64 weights); `rows` per chunk, `chunk_rows` when None."""
+    `targets`, in float32 (float64 for float64 weights); `rows` per chunk, `chunks.chunk_rows` when None."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1:] != hidden.shape[1:]:
         raise ValueError(f"expected hidden (N, H), weight (V, H) and targets (N,), got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)} and {tuple(targets.shape)}")
-    rows = rows or chunk_rows(weight.shape[0], hidden.device)
+    rows = rows or chunk_rows(4 * weight.shape[0], hidden.device)  # a chunk's float32 logits fit the budget
     return _HeadTokenLogps.apply(hidden.to(weight.dtype), weight, targets, rows)

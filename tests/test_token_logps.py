@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from selfrefine.losses import mean_nll, scored_positions, scored_targets, sequence_sums
 from selfrefine.lora import LoRAConfig, inject_lora
 from selfrefine.model import Transformer
-from selfrefine.token_logps import CHUNK_BYTES, chunk_rows, head_token_logps
+from selfrefine.chunks import CHUNK_BYTES, chunk_rows
+from selfrefine.token_logps import head_token_logps
 from tests.helpers import tiny_config
 
 
@@ -74,7 +75,7 @@ def test_nothing_of_vocabulary_size_per_row_is_kept_for_the_backward():
 
 
 def test_chunks_fit_the_cpu_budget_and_refuse_bad_shapes():
-    assert chunk_rows(49152, torch.device("cpu")) * 4 * 49152 <= CHUNK_BYTES["cpu"]
+    assert chunk_rows(4 * 49152, torch.device("cpu")) * 4 * 49152 <= CHUNK_BYTES["cpu"]
     assert chunk_rows(10 ** 9, torch.device("cpu")) == 1
     hidden, weight, targets, _ = _inputs()
     with pytest.raises(ValueError, match="expected hidden"):

@@ -1,0 +1,62 @@
+"""The chunk budget (`chunks.chunk_rows`) and its users outside the losses: the sampler's prefill in groups gives
+what one forward over all the prompts gives, and the decode step's logits written in place equal the head's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selfrefine.chunks as chunks
+from selfrefine.chunks import CHUNK_BYTES, DEFAULT_CHUNK_BYTES, chunk_rows
+from selfrefine.model import ModelConfig, Transformer
+from selfrefine.sampling import _prefill, _prefill_group, _shared_prefix
+
+
+def test_rows_fit_the_device_budget():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert chunk_rows(1000, cpu) == CHUNK_BYTES["cpu"] // 1000
+    assert chunk_rows(1000, cpu) * 1000 <= CHUNK_BYTES["cpu"] < (chunk_rows(1000, cpu) + 1) * 1000
+    assert chunk_rows(1000, cuda) == DEFAULT_CHUNK_BYTES // 1000 > chunk_rows(1000, cpu)
+    assert chunk_rows(CHUNK_BYTES["cpu"] * 10, cpu) == 1  # a row over the budget still runs, alone
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return Transformer(cfg).double().eval()
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 4 * 9 * 64 * 8])  # one prompt per group; three (4 MLP tensors, 9 tokens)
+@pytest.mark.parametrize("with_prefix", [False, True])
+@torch.inference_mode()
+def test_prefill_in_groups_equals_one_forward(model, monkeypatch, budget, with_prefix):
+    """Mixed lengths, with and without a shared prefix: the same keys, values and next-token logits whether the
+    prompts go through one forward or through groups the budget allows."""
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(0, 40, (4,), generator=g).tolist() if with_prefix else []
+    prompts = [head + torch.randint(0, 40, (n,), generator=g).tolist() for n in (5, 9, 1, 7, 3, 9, 2)]
+    prefix = _shared_prefix(model, prompts) if with_prefix else None
+    assert (prefix is not None) == with_prefix
+    whole = _prefill_group(model, prompts, prefix)
+    groups = []
+    inner = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a: groups.append(ids.shape[0]) or inner(ids, *a))
+    monkeypatch.setitem(chunks.CHUNK_BYTES, "cpu", budget)
+    grouped = _prefill(model, prompts, prefix)
+    assert groups == ([1] * 7 if budget == 1 else [3, 3, 1])
+    assert len(grouped) == len(whole)
+    for (k, v, lg), (k2, v2, lg2) in zip(grouped, whole):
+        assert k.shape == k2.shape and v.shape == v2.shape
+        torch.testing.assert_close((k, v, lg), (k2, v2, lg2), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_into_equals_the_head(model, dtype):
+    """float32: written straight into the buffer, bit for bit the head's; a bf16 head: cast into float32."""
+    m = Transformer(model.config).to(dtype).eval()
+    hidden = torch.randn(5, model.config.hidden_size).to(dtype)
+    out = torch.full((5, model.config.vocab_size), float("nan"))
+    m.logits_into(hidden, out)
+    assert torch.equal(out, m.lm_head(hidden).float())
