@@ -1,5 +1,6 @@
 """The chunk budget (`chunks.chunk_rows`) and its users outside the losses: the sampler's prefill in groups gives
-what one forward over all the prompts gives, and the decode step's logits written in place equal the head's."""
+what one forward over all the prompts gives, its draws in chunks of rows the same tokens as at once, and the
+decode step's logits written in place equal the head's."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import selfrefine.chunks as chunks
 from selfrefine.chunks import CHUNK_BYTES, DEFAULT_CHUNK_BYTES, chunk_rows
 from selfrefine.model import ModelConfig, Transformer
-from selfrefine.sampling import _prefill, _prefill_group, _shared_prefix
+from selfrefine.sampling import SamplingParams, _prefill, _prefill_group, _shared_prefix, next_tokens
 
 
 def test_rows_fit_the_device_budget():
@@ -60,3 +61,17 @@ def test_logits_into_equals_the_head(model, dtype):
     out = torch.full((5, model.config.vocab_size), float("nan"))
     m.logits_into(hidden, out)
     assert torch.equal(out, m.lm_head(hidden).float())
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.9), (8, 0.7)])
+def test_draws_in_chunks_equal_draws_at_once(monkeypatch, top_k, top_p):
+    """Sampling is row by row (filter, softmax, CDF, search), so drawing a chunk of rows at a time gives the same
+    tokens, bit for bit, as one call over every row."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 50, generator=g) * 3
+    uniforms = torch.rand(9, generator=g, dtype=torch.float64).tolist()
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)
+    at_once = next_tokens(logits, params, uniforms)
+    monkeypatch.setitem(chunks.CHUNK_BYTES, "cpu", 2 * 32 * 50)  # two rows per chunk
+    assert torch.equal(next_tokens(logits, params, uniforms), at_once)
+    assert len(set(at_once.tolist())) > 1
