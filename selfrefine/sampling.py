@@ -260,8 +260,9 @@ def _prefill(model: Transformer, prompts: list[list[int]], prefix: KVCache | Non
              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(keys, values, next-token logits) of each prompt, from forwards over groups of them whose MLP activations
     fit the device's chunk budget (`chunks.chunk_rows`: on a CPU, 128 prompts at once made 46 MB tensors in every
-    layer, page-faulted in afresh; 11 prompts at a time took 8.4 s instead of 13.2 s). With `prefix` (the keys/values of the first `prefix.length` tokens that
-    every prompt starts with), only the rest of each prompt is computed."""
+    layer, page-faulted in afresh; 11 prompts at a time took 8.4 s instead of 13.2 s). With `prefix` (the
+    keys/values of the first `prefix.length` tokens that every prompt starts with), only the rest of each prompt
+    is computed."""
     start = prefix.length if prefix is not None else 0
     weight = model.model.embed_tokens.weight
     longest = max(len(p) for p in prompts) - start

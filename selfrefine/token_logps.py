@@ -4,11 +4,12 @@ The training losses need one number per scored position: log p(target) = logit[t
 Computing it the usual way (head matmul, log-softmax, pick) holds N x V floats three times in a step (the
 logits, their log-softmax, its gradient), plus a zero-filled N x V gradient from the pick: 165 MB each for
 840 positions of SmolLM2's 49,152-token vocabulary. On a CPU every such tensor is a fresh mmap whose pages
-fault in on first touch (about 250,000 page faults in one DPO step of the demo); on a GPU it is the peak
-memory of a LoRA step at a large vocabulary.
+fault in on first touch (about 250,000 page faults in one DPO step of the demo's shape); on a GPU it is the
+peak memory of a LoRA step at a large vocabulary.
 
-Here the head runs over chunks of rows (`chunks.chunk_rows`: 85 rows of SmolLM2's logits on a CPU). The forward keeps only the logsumexp of each row; the backward
-recomputes a chunk's logits (one more head matmul) and turns them into that chunk's gradient in place:
+Here the head runs over chunks of rows (`chunks.chunk_rows`: 85 rows of SmolLM2's logits on a CPU). The forward
+keeps only the logsumexp of each row; the backward recomputes a chunk's logits (one more head matmul) and turns
+them into that chunk's gradient in place:
 d log p(t) / d logits = onehot(t) - softmax(logits). The math is the log-softmax's, so results agree with
 `F.cross_entropy` to rounding (tests/test_token_logps.py checks values and gradients in float64).
 """
