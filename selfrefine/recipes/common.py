@@ -17,6 +17,7 @@ from ..config import Settings, UsageError, parse, setting
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 from ..log import logger, set_level
+from ..losses import scored_positions, scored_targets, sequence_sums
 from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, record_merge, refuse_merged_twice,
                     save_adapter)
 from ..tokenizer import CHAT_FORMATS, Tokenizer
@@ -147,6 +148,16 @@ class TrainingOptions(ModelOptions):
             return None
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
                           targets=tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+
+
+def completion_logps(model: torch.nn.Module, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum (or mean) of the completion tokens' log-probs and their counts, (B,) each, for a batch of
+    `input_ids` and `labels`: the one forward both training stages score with (`sequence_sums` of
+    `model(..., targets=...)`, which never holds (positions x vocab) logits)."""
+    device = next(model.parameters()).device
+    labels = batch["labels"].to(device)
+    token = model(batch["input_ids"].to(device), logits_at=scored_positions(labels), targets=scored_targets(labels))
+    return sequence_sums(token, labels, average=average)
 
 
 def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:

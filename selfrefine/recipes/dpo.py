@@ -21,15 +21,15 @@ from ..fingerprint import code_version, digest, model_digest
 from ..flags import fraction, nonneg_float, positive_float, positive_int
 from ..log import logger
 from ..lora import adapter_disabled
-from ..losses import dpo_loss, scored_positions, scored_targets, sequence_sums
+from ..losses import dpo_loss
 from ..paths import check_outputs
 from ..preference import STRATEGIES, build_pairs, format_stats, load_demos, load_pairs, load_samples
 from ..progress import progress_bar
 from ..runs import start_run
 from ..tokenizer import Tokenizer
 from ..trainer import autocast_context, held_out_loss, train
-from .common import (TRAINING, TrainingOptions, hold_out, load, make_trainable, parse_command_line,
-                     refuse_past_context, run_training, save_outputs)
+from .common import (TRAINING, TrainingOptions, completion_logps, hold_out, load, make_trainable,
+                     parse_command_line, refuse_past_context, run_training, save_outputs)
 
 REF_CACHE = "reference_logps.jsonl"
 
@@ -110,10 +110,7 @@ class DPOStep:
         self.objective, self.reference = objective, reference
 
     def logps(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(model.parameters()).device
-        labels = batch["labels"].to(device)
-        token = model(batch["input_ids"].to(device), logits_at=scored_positions(labels), targets=scored_targets(labels))
-        return sequence_sums(token, labels, average=self.objective.average_logps)
+        return completion_logps(model, batch, average=self.objective.average_logps)
 
     @torch.no_grad()
     def reference_logps(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

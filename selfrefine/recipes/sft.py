@@ -10,12 +10,12 @@ import torch
 from ..data import encode_sft, pad_batch, read_sft
 from ..config import setting
 from ..log import logger
-from ..losses import mean_nll, scored_positions, scored_targets, sequence_sums
+from ..losses import mean_nll
 from ..paths import check_outputs
 from ..runs import start_run
 from ..trainer import held_out_loss, train
-from .common import (TrainingOptions, hold_out, load, make_trainable, parse_command_line, refuse_past_context,
-                     run_training, save_outputs)
+from .common import (TrainingOptions, completion_logps, hold_out, load, make_trainable, parse_command_line,
+                     refuse_past_context, run_training, save_outputs)
 
 
 @dataclass
@@ -26,10 +26,7 @@ class SFTConfig(TrainingOptions):
 
 
 def sft_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float], int]:
-    device = next(model.parameters()).device
-    labels = batch["labels"].to(device)
-    token = model(batch["input_ids"].to(device), logits_at=scored_positions(labels), targets=scored_targets(labels))
-    return mean_nll(*sequence_sums(token, labels)), {}, batch["n_tokens"]
+    return mean_nll(*completion_logps(model, batch)), {}, batch["n_tokens"]
 
 
 def completion_tokens(batch: dict) -> int:
