@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache, attention_mask
 from .rope import inverse_frequencies, rope_cos_sin
-from .token_logps import head_token_logps
+from .token_logps import head_fp32_math, head_token_logps
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -265,6 +265,8 @@ class Transformer(nn.Module):
 
     def scored_token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(targets) at (N, hidden) states, from the head's float32 weights with autocast off as in
-        `scored_logits`, chunk by chunk (`token_logps`): the same numbers without holding (N, vocab) logits."""
+        `scored_logits`, chunk by chunk (`token_logps`): the same numbers without holding (N, vocab) logits. Under a
+        CPU's bf16 autocast its matmuls may take oneDNN's bf16 math mode (`token_logps.head_fp32_math`)."""
+        math = head_fp32_math(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            return head_token_logps(hidden, self.lm_head.weight, targets)
+            return head_token_logps(hidden, self.lm_head.weight, targets, math=math)

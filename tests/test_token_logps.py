@@ -1,6 +1,8 @@
 """Target-token log-probs from hidden states (`token_logps`): the values and both gradients equal the
 log-softmax-and-pick of `F.cross_entropy` in float64 at any chunking, nothing of size (N, vocab) is kept for
-the backward, and the model's training path (`model(..., targets=...)`) gives the losses what the logits did."""
+the backward, the model's training path (`model(..., targets=...)`) gives the losses what the logits did, and
+oneDNN's bf16 math mode is taken only under a CPU's bf16 autocast, in forward and backward, where it is
+float32-accurate."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from selfrefine.losses import mean_nll, scored_positions, scored_targets, sequen
 from selfrefine.lora import LoRAConfig, inject_lora
 from selfrefine.model import Transformer
 from selfrefine.chunks import CHUNK_BYTES, chunk_rows
-from selfrefine.token_logps import head_token_logps
+import selfrefine.token_logps as token_logps
+from selfrefine.token_logps import fp32_matmul_math, head_fp32_math, head_token_logps
 from tests.helpers import tiny_config
 
 
@@ -113,3 +116,56 @@ def test_model_training_path_gives_the_losses_what_the_logits_gave():
         model(ids, targets=scored_targets(labels))
     with pytest.raises(ValueError, match="log-probs at the 21 scored positions"):
         sequence_sums(ours[0], labels)
+
+
+def test_the_math_mode_reaches_forward_and_backward_and_is_restored(monkeypatch):
+    """The backward runs outside the forward's context, so it must set the mode itself; the global flag is put
+    back after each (and after an error inside the block)."""
+    seen = []
+    real = token_logps.fp32_matmul_math
+
+    def recording(mode):
+        seen.append(mode)
+        return real(mode)
+
+    monkeypatch.setattr(token_logps, "fp32_matmul_math", recording)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    hidden, weight, targets, upstream = _inputs(dtype=torch.float32)
+    out = head_token_logps(hidden, weight.detach(), targets, 8, math="bf16")
+    _grads(out, upstream, hidden)
+    assert seen == ["bf16", "bf16"]
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    with pytest.raises(RuntimeError), fp32_matmul_math("bf16"):
+        raise RuntimeError
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_bf16_math_only_under_cpu_bf16_autocast_and_where_the_probe_allows(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(token_logps, "bf16_math_ok", lambda: True)
+    assert head_fp32_math(cpu) == "ieee"  # --precision float32: no autocast, float32 matmuls
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head_fp32_math(cpu) == "bf16"
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert head_fp32_math(cpu) == "ieee"
+    monkeypatch.setattr(token_logps, "bf16_math_ok", lambda: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head_fp32_math(cpu) == "ieee"
+
+
+def test_where_the_probe_takes_bf16_math_the_head_stays_float32_accurate():
+    """On this machine's verdict: if the mode is taken, log-probs and gradients stay within 1e-4 of float64 on a
+    head of SmolLM2's width (a single bf16 rounding of the factors would be off by about 1e-2)."""
+    if not token_logps.bf16_math_ok():
+        pytest.skip("the probe keeps float32 matmuls on this CPU")
+    g = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(48, 576, generator=g) * 2).requires_grad_()
+    weight = torch.randn(4096, 576, generator=g) * 0.05
+    targets = torch.randint(0, 4096, (48,), generator=g)
+    upstream = torch.randn(48, generator=g)
+    h64 = hidden.detach().double().requires_grad_()
+    oracle = -F.cross_entropy(h64 @ weight.double().t(), targets, reduction="none")
+    ours = head_token_logps(hidden, weight, targets, 16, math="bf16")
+    torch.testing.assert_close(ours.double(), oracle, rtol=0, atol=1e-4)
+    (g_ours,), (g_oracle,) = _grads(ours, upstream, hidden), _grads(oracle, upstream.double(), h64)
+    torch.testing.assert_close(g_ours.double(), g_oracle, rtol=0, atol=1e-4)
