@@ -153,6 +153,13 @@ def test_bf16_math_only_under_cpu_bf16_autocast_and_where_the_probe_allows(monke
         assert head_fp32_math(cpu) == "ieee"
 
 
+def test_the_probe_measures_float32_even_inside_autocast():
+    """It runs lazily inside the first training step's autocast; there its plain float32 product must stay float32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        speedup, error_ieee, _ = token_logps.probe_bf16_math()
+    assert speedup > 0 and error_ieee < 1e-5
+
+
 def test_where_the_probe_takes_bf16_math_the_head_stays_float32_accurate():
     """On this machine's verdict: if the mode is taken, log-probs and gradients stay within 1e-4 of float64 on a
     head of SmolLM2's width (a single bf16 rounding of the factors would be off by about 1e-2)."""
