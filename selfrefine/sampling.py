@@ -327,9 +327,8 @@ class _Waiting:
             by_prompt.setdefault(i, []).append(s)
         for i, ss in by_prompt.items():
             k, v, lg = self.stash[i]
-            idx, n = torch.tensor(ss, device=logits.device), k.shape[3]
-            cache.k[:, idx, :, :n] = k  # one prefill, copied into every slot of its samples
-            cache.v[:, idx, :, :n] = v
+            idx = torch.tensor(ss, device=logits.device)
+            cache.put(idx, k, v)  # one prefill, copied into every slot of its samples
             logits[idx] = lg
             self.left[i] -= len(ss)
             if not self.left[i]:

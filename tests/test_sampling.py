@@ -397,7 +397,7 @@ def test_kv_cache_size_is_logged_before_allocation(model, monkeypatch):
 
     def spy(*args):
         cache = empty(*args)
-        allocated.append(cache.k.nbytes + cache.v.nbytes)
+        allocated.append(cache.kt.nbytes + cache.v.nbytes)
         return cache
 
     monkeypatch.setattr(sampling.SlotCache, "empty", spy)
