@@ -93,3 +93,19 @@ def test_decode_attention_matches_naive_grouped_attention() -> None:
     kr, vr = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ kr.transpose(-1, -2) / math.sqrt(HEAD_DIM)).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(decode_attention(q, k, v, mask), torch.softmax(scores, -1) @ vr, rtol=0, atol=1e-12)
+
+
+def test_slot_cache_returns_keys_as_a_view_whose_transpose_is_row_major() -> None:
+    """The decode step's q @ K^T must read the stored keys in place: the keys come back as a view of `kt`, and
+    their transpose has unit stride along the positions (what a batched matmul takes without a copy)."""
+    from selfrefine.attention import SlotCache
+
+    cache = SlotCache.empty(2, 4, 3, 10, 8, torch.float32, "cpu")
+    cache.index, cache.span = torch.tensor([0, 5, 2]), 6
+    k, v = torch.randn(3, 3, 1, 8), torch.randn(3, 3, 1, 8)
+    keys, values = cache.write(1, k, v)
+    assert keys.shape == (3, 3, 6, 8) and values.shape == (3, 3, 6, 8)
+    assert keys.untyped_storage().data_ptr() == cache.kt.untyped_storage().data_ptr()
+    assert keys.transpose(-1, -2).stride(-1) == 1
+    torch.testing.assert_close(keys[1, :, 5], k[1, :, 0], rtol=0, atol=0)
+    torch.testing.assert_close(values[2, :, 2], v[2, :, 0], rtol=0, atol=0)
