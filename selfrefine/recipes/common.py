@@ -12,14 +12,14 @@ import torch
 
 from .. import distributed
 from ..answers import Question, load_questions
-from ..checkpoint import config_dtype, load_model, save_model
+from ..checkpoint import config_dtype, load_model, resolve_dtype, save_model
 from ..config import Settings, UsageError, parse, setting
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 from ..log import logger, set_level
 from ..losses import scored_positions, scored_targets, sequence_sums
-from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, record_merge, refuse_merged_twice,
-                    save_adapter)
+from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, merge_rounding, record_merge,
+                    refuse_merged_twice, save_adapter)
 from ..tokenizer import CHAT_FORMATS, Tokenizer
 from ..trainer import REPORT_TO, Interrupted, TrainConfig, bf16_native
 
@@ -240,13 +240,31 @@ def save_outputs(model: torch.nn.Module, lora: LoRAConfig | None, merge: bool, b
         save_adapter(model, out / "adapter", lora, base_model=base)
         logger.info(f"adapter -> {out / 'adapter'}")
     if model is not None and (lora is None or merge):
-        merged = merge_and_unload(model) if lora is not None else model
         dtype = config_dtype(base) if save_dtype == "auto" else save_dtype
+        warn_merge_rounding(model, lora, dtype, out / "merged")
+        merged = merge_and_unload(model) if lora is not None else model
         save_model(merged, out / "merged", tokenizer_from=base, dtype=dtype)
         if lora is not None:
             record_merge(out / "merged", base, out / "adapter")
         logger.info(f"merged model -> {out / 'merged'}")
     distributed.barrier()  # ranks finish together: one leaving while rank 0 writes can abort its teardown
+
+
+MERGE_ROUNDING_WARN = 0.5  # warn when rounding the merged weights changes them by half the adapter's own change
+
+
+def warn_merge_rounding(model: torch.nn.Module, lora: LoRAConfig | None, dtype: torch.dtype | str | None,
+                        out: Path) -> None:
+    """Warn when an adapter merged into 16-bit weights would be mostly rounded away (`lora.merge_rounding`); the
+    adapter itself is saved in full and stays usable unmerged."""
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    if lora is None or dtype not in (torch.bfloat16, torch.float16):
+        return
+    share = merge_rounding(model, dtype)
+    if share > MERGE_ROUNDING_WARN:
+        logger.warning(f"{out}: merged into {str(dtype).removeprefix('torch.')} weights, the adapter's change is "
+                       f"rounded by {share:.0%} of its own size, so the merged model is mostly the one before "
+                       "training; use the adapter unmerged (--adapter) or save float32 (--save-dtype float32)")
 
 
 def run_training(fn, *a, **kw):

@@ -12,7 +12,7 @@ import torch
 from selfrefine.checkpoint import config_dtype, load_model, save_model
 
 from selfrefine.errors import UserError
-from selfrefine.lora import LoRAConfig
+from selfrefine.lora import LoRAConfig, merge_rounding
 from selfrefine.model import Transformer
 from selfrefine.recipes.common import (WEIGHT_DTYPES, ModelOptions, TrainingOptions, load, make_trainable,
                                        hold_out, pick_device, pick_dtype, refuse_past_context, save_outputs)
@@ -123,3 +123,41 @@ def test_save_outputs_keeps_the_base_dtype_by_default(tmp_path: Path, save_dtype
     save_outputs(load_model(base, torch.float32), None, False, str(base), tmp_path / "run", save_dtype)
     assert config_dtype(tmp_path / "run" / "merged") == want
     assert {p.dtype for p in load_model(tmp_path / "run" / "merged", want).parameters()} == {want}
+
+
+def _adapted(tmp_path: Path, b_scale: float) -> tuple[Transformer, LoRAConfig, Path]:
+    """A tiny float32 model with a trained-looking adapter whose change has about `b_scale` times its size."""
+    base = make_tiny_model_dir(tmp_path / "tiny")
+    model = load_model(base, torch.float32)
+    lora = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    make_trainable(model, lora, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, b_scale, generator=torch.Generator().manual_seed(1))
+    return model, lora, base
+
+
+def test_merge_rounding_is_the_rounding_error_as_a_share_of_the_adapters_change(tmp_path: Path):
+    """A change far below bf16's resolution of the weights is mostly rounded away; a large one survives; float32
+    keeps it exactly."""
+    model, _, _ = _adapted(tmp_path, 1e-6)
+    assert merge_rounding(model, torch.bfloat16) > 1.0
+    assert merge_rounding(model, torch.float32) == 0.0
+    model, _, _ = _adapted(tmp_path / "big", 1.0)
+    assert merge_rounding(model, torch.bfloat16) < 0.05
+
+
+def test_save_outputs_warns_when_a_merge_into_16_bits_would_erase_the_adapter(tmp_path: Path, capsys):
+    def said() -> str:
+        out = capsys.readouterr()
+        return out.out + out.err
+
+    model, lora, base = _adapted(tmp_path, 1e-6)
+    save_outputs(model, lora, True, str(base), tmp_path / "run32", "float32")
+    assert "rounded by" not in said()
+    model, lora, base = _adapted(tmp_path / "again", 1e-6)
+    save_outputs(model, lora, True, str(base), tmp_path / "run16", "bfloat16")
+    assert f"{tmp_path / 'run16' / 'merged'}: merged into bfloat16 weights, the adapter's change is rounded by" \
+        in said()
+    assert (tmp_path / "run16" / "adapter" / "adapter_model.safetensors").exists()  # the adapter is kept in full
