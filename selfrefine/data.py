@@ -211,9 +211,62 @@ def pad_batch(examples: list[TokenizedText], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "n_tokens": sum(len(e.input_ids) for e in examples)}
 
 
+def _reference(pairs: list[TokenizedPair]) -> torch.Tensor | None:
+    refs = [p.ref_logps for p in pairs]
+    return None if any(r is None for r in refs) else torch.tensor(refs, dtype=torch.float32)
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict:
     """Chosen rows then rejected rows in one padded batch, so one forward pass scores both."""
     batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    refs = [p.ref_logps for p in pairs]
-    batch["ref_logps"] = None if any(r is None for r in refs) else torch.tensor(refs, dtype=torch.float32)
+    batch["ref_logps"] = _reference(pairs)
     return batch
+
+
+def prompt_length(pair: TokenizedPair) -> int:
+    """The tokens before the answers (the masked labels), the same on both sides of a pair."""
+    n = next((i for i, label in enumerate(pair.chosen.labels) if label != IGNORE), len(pair.chosen.labels))
+    if n < 1 or pair.chosen.input_ids[:n] != pair.rejected.input_ids[:n] or \
+            any(label != IGNORE for label in pair.rejected.labels[:n]):
+        raise ValueError("a packed pair needs a non-empty prompt shared by both sides")
+    return n
+
+
+def pack_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict:
+    """Each pair as one row, its prompt once: prompt, chosen answer, rejected answer, right-padded.
+
+    The prompt is most of a short answer's tokens (the demo: 84 of 136), so this scores a pair with ~30% fewer
+    tokens than `collate_pairs`' two rows. Exactly the same numbers in exact arithmetic: the rejected answer's
+    positions restart where the prompt ends, `attn_mask` (B, 1, W, W) lets a token see the prompt and earlier
+    tokens of its own answer only, and each answer's first token is predicted from the prompt's last one.
+    `score_at` (N,) indexes the B * W flattened positions that predict `targets` (N,); `owner` (N,) says whose
+    they are: pair b's chosen answer is b, its rejected one B + b (the order of `collate_pairs`' rows).
+    `n_tokens` counts both sides' full lengths, as there.
+    """
+    B = len(pairs)
+    rows = [(prompt_length(p), p) for p in pairs]
+    width = max(len(p.chosen.input_ids) + len(p.rejected.input_ids) - n for n, p in rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, width, dtype=torch.long)
+    segment = torch.full((B, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    score_at, targets, owner = [], [], []
+    for b, (n, p) in enumerate(rows):
+        start = 0
+        for side, text in ((0, p.chosen.input_ids[:n]), (1, p.chosen.input_ids[n:]), (2, p.rejected.input_ids[n:])):
+            end = start + len(text)
+            ids[b, start:end] = torch.tensor(text, dtype=torch.long)
+            first = 0 if side == 0 else n  # both answers continue the prompt
+            positions[b, start:end] = torch.arange(first, first + len(text))
+            segment[b, start:end] = side
+            if side and text:
+                score_at += [b * width + n - 1] + list(range(b * width + start, b * width + end - 1))
+                targets += text
+                owner += [b if side == 1 else B + b] * len(text)
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+    return {"input_ids": ids, "positions": positions, "attn_mask": (causal & visible)[:, None],
+            "score_at": torch.tensor(score_at, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
+            "owner": torch.tensor(owner, dtype=torch.long),
+            "n_tokens": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs),
+            "ref_logps": _reference(pairs)}

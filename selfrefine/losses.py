@@ -47,9 +47,14 @@ def sequence_sums(token: Tensor, labels: Tensor, ignore_index: int = -100,
     if token.shape != (int(positions.sum()),):
         raise ValueError(f"expected (N,) log-probs at the {int(positions.sum())} scored positions, "
                          f"got {tuple(token.shape)}")
-    counts = positions.sum(-1)
-    total = torch.zeros(labels.shape[0], dtype=token.dtype, device=token.device)
-    total = total.index_add(0, positions.nonzero()[:, 0], token)
+    return grouped_sums(token, positions.nonzero()[:, 0], labels.shape[0], average)
+
+
+def grouped_sums(token: Tensor, owner: Tensor, n: int, average: bool = False) -> tuple[Tensor, Tensor]:
+    """Sum (or mean) of the log-probs `token` (N,) of each of `n` sequences, and their counts, (n,) each; `owner`
+    (N,) is the sequence of each token. A sequence with no tokens gets 0."""
+    counts = torch.bincount(owner, minlength=n)
+    total = torch.zeros(n, dtype=token.dtype, device=token.device).index_add(0, owner, token)
     return (total / counts.clamp(min=1) if average else total), counts
 
 

@@ -233,14 +233,17 @@ class Transformer(nn.Module):
                 key_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_at: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """`logits_at` (B, T) bool: project only those positions, returning (N, vocab) logits (`scored_logits`:
-        in the head's own dtype, float32 in training, even under autocast). With `targets` (N,) as well: their
-        log-probs (N,) in float32 (`scored_token_logps`), the training losses' input, without (N, vocab) logits."""
+        in the head's own dtype, float32 in training, even under autocast); or (N,) indices into the B * T
+        positions, where one may come twice (a packed pair's last prompt token predicts both answers' first
+        tokens, `data.pack_pairs`). With `targets` (N,) as well: their log-probs (N,) in float32
+        (`scored_token_logps`), the training losses' input, without (N, vocab) logits. `key_mask` may be a ready
+        (B, 1, T, T) bool attention mask."""
         hidden = self.hidden_states(input_ids, positions, key_mask, cache)
         if logits_at is None:
             if targets is not None:
                 raise ValueError("targets need logits_at, the positions that predict them")
             return self.lm_head(hidden)
-        hidden = hidden[logits_at]
+        hidden = hidden[logits_at] if logits_at.dtype == torch.bool else hidden.flatten(0, 1)[logits_at]
         return self.scored_logits(hidden) if targets is None else self.scored_token_logps(hidden, targets)
 
     def scored_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from selfrefine.data import (EXPORT_FORMATS, IGNORE, TokenizedPair, TokenizedText, collate_pairs, encode_example,
-                             encode_pair, encode_sft, exported, pad_batch, read_sft)
+                             encode_pair, encode_sft, exported, pack_pairs, pad_batch, read_sft)
 from selfrefine.errors import UserError
 from selfrefine.tokenizer import Tokenizer
 from tests.helpers import write_tiny_tokenizer
@@ -118,3 +118,22 @@ def test_pairs_batch_chosen_rows_then_rejected_rows(tok: Tokenizer) -> None:
     assert torch.equal(batch["input_ids"], pad_batch(rows, 0)["input_ids"]) and batch["ref_logps"] is None
     pair.ref_logps, other.ref_logps = (-1.0, -2.0), (-3.0, -4.0)
     assert collate_pairs([pair, other], pad_id=0)["ref_logps"].tolist() == [[-1.0, -2.0], [-3.0, -4.0]]
+
+
+def test_pack_pairs_holds_the_prompt_once_and_hides_each_answer_from_the_other() -> None:
+    p, c, r = [1, 2, 3], [4, 5], [6, 7, 8]
+    pair = TokenizedPair(TokenizedText(p + c, [IGNORE] * 3 + c), TokenizedText(p + r, [IGNORE] * 3 + r), (-1.0, -2.0))
+    short = TokenizedPair(TokenizedText([9, 4], [IGNORE, 4]), TokenizedText([9, 5], [IGNORE, 5]), (-3.0, -4.0))
+    batch = pack_pairs([pair, short], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [9, 4, 5, 0, 0, 0, 0, 0]]
+    assert batch["positions"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]  # the rejected answer restarts after the prompt
+    mask = batch["attn_mask"][0, 0]
+    assert mask[5].tolist() == [True, True, True, False, False, True, False, False]  # sees the prompt, not the chosen
+    assert mask[4].tolist() == [True] * 5 + [False] * 3 and mask.tril().equal(mask)
+    W = 8  # each answer's first token is predicted by the prompt's last one; owners: chosen 0, 1, rejected 2, 3
+    assert batch["score_at"].tolist() == [2, 3, 2, 5, 6, W + 0, W + 0]
+    assert batch["targets"].tolist() == [4, 5, 6, 7, 8, 4, 5]
+    assert batch["owner"].tolist() == [0, 0, 2, 2, 2, 1, 3]
+    assert batch["n_tokens"] == 5 + 6 + 2 + 2 and batch["ref_logps"].tolist() == [[-1.0, -2.0], [-3.0, -4.0]]
+    with pytest.raises(ValueError, match="shared"):
+        pack_pairs([TokenizedPair(TokenizedText([1, 4], [IGNORE, 4]), TokenizedText([2, 4], [IGNORE, 4]))], 0)

@@ -17,7 +17,7 @@ from ..config import Settings, UsageError, parse, setting
 from ..errors import fail
 from ..flags import device_name, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 from ..log import logger, set_level
-from ..losses import scored_positions, scored_targets, sequence_sums
+from ..losses import grouped_sums, scored_positions, scored_targets, sequence_sums
 from ..lora import (LoRAConfig, inject_lora, load_adapter, merge_and_unload, merge_rounding, record_merge,
                     refuse_merged_twice, save_adapter)
 from ..tokenizer import CHAT_FORMATS, Tokenizer
@@ -158,6 +158,15 @@ def completion_logps(model: torch.nn.Module, batch: dict, average: bool = False)
     labels = batch["labels"].to(device)
     token = model(batch["input_ids"].to(device), logits_at=scored_positions(labels), targets=scored_targets(labels))
     return sequence_sums(token, labels, average=average)
+
+
+def packed_pair_logps(model: torch.nn.Module, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` of a `data.pack_pairs` batch: (2B,) sums (or means) and counts, chosen answers first."""
+    device = next(model.parameters()).device
+    owner = batch["owner"].to(device)
+    token = model(batch["input_ids"].to(device), batch["positions"].to(device), batch["attn_mask"].to(device),
+                  logits_at=batch["score_at"].to(device), targets=batch["targets"].to(device))
+    return grouped_sums(token, owner, 2 * batch["input_ids"].shape[0], average=average)
 
 
 def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:

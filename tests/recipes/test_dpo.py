@@ -112,7 +112,8 @@ def test_precomputed_reference_matches_on_the_fly(tiny_dir: Path, pairs: Path, t
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     step = dpo.DPOStep(objective(), None)
-    dpo.precompute_reference(step, model, examples, tok.pad_id, 4, "auto", tmp_path, key="k")
+    dpo.precompute_reference(step, model, examples, partial(collate_pairs, pad_id=tok.pad_id), 4, "auto", tmp_path,
+                             key="k")
     batch = collate_pairs(examples[1:4], tok.pad_id)
     cached = batch["ref_logps"]
     batch["ref_logps"] = None
@@ -132,7 +133,7 @@ def test_held_out_reference_scored_once_gives_the_same_loss(tiny_dir: Path, pair
     inject_lora(model, LoRAConfig(r=4, dropout=0.0))
     step = dpo.DPOStep(objective(), None)
     collate = partial(collate_pairs, pad_id=tok.pad_id)
-    dpo.score_reference(step, model, examples, tok.pad_id, 3, "auto")  # before the policy moves
+    dpo.score_reference(step, model, examples, collate, 3, "auto")  # before the policy moves
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -323,7 +324,7 @@ def test_reference_cache_recomputed_when_scoring_changes(tiny_dir: Path, pairs: 
 
     def counting(self, model, batch):
         if batch["ref_logps"] is None:
-            computed.append(batch["input_ids"].shape[0] // 2)
+            computed.append(batch["input_ids"].shape[0] // (1 if "score_at" in batch else 2))  # pairs
         return real(self, model, batch)
 
     monkeypatch.setattr(dpo.DPOStep, "reference_logps", counting)
@@ -363,3 +364,40 @@ def test_held_out_pairs_validated_and_the_lowest_kept(tiny_dir: Path, pairs: Pat
     best = min(vals, key=lambda sv: sv[1])
     assert (last["best_step"], last["best_val_loss"]) == pytest.approx(best)
     assert f"keeping the weights of step {best[0]}, the lowest validation loss" in printed
+
+
+def test_packed_pairs_score_and_train_as_two_padded_rows(tiny_dir: Path, pairs: Path):
+    """One packed row per pair (the prompt once) gives the padded rows' log-probs and gradients (a float64 body)."""
+    tok, examples = encoded(tiny_dir, pairs)
+    model = load_model(tiny_dir).double()
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    with torch.no_grad():  # a trained-looking adapter, so the LoRA path carries gradient to A as well
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.double().normal_(0, 0.3)
+    step = dpo.DPOStep(objective(beta=0.5), None)
+    results = []
+    for collate in dpo.PAIR_LAYOUTS.values():
+        model.zero_grad()
+        batch = collate(examples[:5], tok.pad_id)
+        logps, counts = step.logps(model, batch)
+        step(model, batch)[0].backward()
+        results.append((logps.detach(), counts, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (packed, n_packed, g_packed), (padded, n_padded, g_padded) = results
+    assert torch.equal(n_packed, n_padded) and n_packed.min() > 0
+    assert torch.allclose(packed, padded, rtol=0, atol=1e-10)
+    # the head's log-probs are float32 by design (`Transformer.scored_token_logps`): 1e-8 apart at gradients ~1
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(g_packed, g_padded))
+
+
+def test_pair_layouts_log_the_same_run(tiny_dir: Path, pairs: Path, tmp_path: Path):
+    args = ["--model", str(tiny_dir), "--pairs", str(pairs), "--max-steps", "3", "--batch-size", "3", "--lora-r", "4",
+            "--lr", "1e-3", "--warmup", "0", "--precision", "float32"]
+    for layout in dpo.PAIR_LAYOUTS:
+        dpo.main(args + ["--out", str(tmp_path / layout), "--pair-layout", layout])
+    packed, padded = (metrics(tmp_path / layout) for layout in dpo.PAIR_LAYOUTS)
+    assert [r["tokens"] for r in packed] == [r["tokens"] for r in padded]
+    keys = ("loss", "logps/chosen", "logps/rejected", "rewards/margin")
+    assert packed[-1]["loss"] != pytest.approx(packed[0]["loss"], abs=1e-3)  # it trained
+    for a, b in zip(packed, padded):
+        assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in keys), (a, b)
