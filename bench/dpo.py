@@ -1,9 +1,9 @@
 """Time per DPO step, ours against `transformers` + `peft` written as TRL does it, on the same weights and pairs.
 
 The step: policy log-probs of chosen + rejected in one forward, reference log-probs, sigmoid DPO loss,
-backward, clip, AdamW. Ours holds each pair as one packed row, the prompt once (`data.pack_pairs`, the
-default --pair-layout; here the prompt is a quarter of each side, so it scores 7/8 of TRL's tokens); TRL's
-holds chosen and rejected as two rows. Three contenders:
+backward, clip, AdamW. Ours lays out its pairs as train_dpo.py's default --pair-layout does: on a CPU one packed
+row per pair, the prompt once (`data.pack_pairs`; here the prompt is a quarter of each side, so it scores 7/8 of
+TRL's tokens), on CUDA two rows as TRL does. Three contenders:
   ours (precomputed ref)  `selfrefine.recipes.dpo.DPOStep` with `--precompute-ref` semantics: the reference
                           log-probs arrive with the batch, so the step has no reference forward;
   ours (ref on the fly)   the same `DPOStep`, reference scored each step with the adapter switched off
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from bench.common import (Contender, add_args, build_models, contender, describe, matmul_params, measure, model_config,
                           report, resolve_args, result_row, to_device)
-from selfrefine.data import IGNORE, TokenizedPair, TokenizedText, collate_pairs, pack_pairs
-from selfrefine.recipes.dpo import DPOStep
+from selfrefine.data import IGNORE, TokenizedPair, TokenizedText, collate_pairs
+from selfrefine.recipes.dpo import PAIR_LAYOUTS, DPOStep, resolve_pair_layout
 from selfrefine.trainer import autocast_context
 
 BETA = 0.1
@@ -91,14 +91,15 @@ def contenders(args: argparse.Namespace) -> tuple[list[Contender], int]:
     pre_step = DPOStep(step_args, None)
     examples = pairs(cfg.vocab_size, args.batch, args.seq, args.seed)
     batch = to_device(collate_pairs(examples, pad_id=0), args.device)  # TRL's rows: chosen, then rejected
-    packed = to_device(pack_pairs(examples, pad_id=0), args.device)  # ours (--pair-layout packed); ref_logps None
+    layout = PAIR_LAYOUTS[resolve_pair_layout("auto", args.device)]  # ours as train_dpo.py lays out its pairs
+    ours_batch = to_device(layout(examples, pad_id=0), args.device)  # ref_logps None: scored on the fly
     amp, _ = autocast_context(args.device, args.precision)
     with amp:  # --precompute-ref: scored once, before training, with the numerics of the training step
-        pre_batch = dict(packed, ref_logps=fly_step.reference_logps(ours.eval(), packed))
+        pre_batch = dict(ours_batch, ref_logps=fly_step.reference_logps(ours.eval(), ours_batch))
     ours.train()
     tokens = 2 * args.batch * args.seq
     sides = {"ours (precomputed ref)": (ours, lambda: pre_step(ours, pre_batch)[0]),
-             "ours (ref on the fly)": (on_the_fly, lambda: fly_step(on_the_fly, packed)[0]),
+             "ours (ref on the fly)": (on_the_fly, lambda: fly_step(on_the_fly, ours_batch)[0]),
              f"transformers{'' if args.full else '+peft'} (TRL-style)": (hf, lambda: hf_dpo_loss(hf, hf_ref, batch))}
     out = [contender(name, m, loss, tokens, args.device, args.precision) for name, (m, loss) in sides.items()]
     return out, matmul_params(ours)

@@ -38,6 +38,13 @@ REF_CACHE = "reference_logps.jsonl"
 PAIRS = "pairs: --pairs, or --samples (+ --demos) to build them first"
 PAIR_LAYOUTS = {"packed": pack_pairs, "padded": collate_pairs}  # --pair-layout: how a batch holds its pairs
 Collate = Callable[[list[TokenizedPair]], dict]
+
+
+def resolve_pair_layout(choice: str, device: torch.device) -> str:
+    """`--pair-layout auto`: packed on a CPU, where it was measured (25% less DPO step time on the demo's pairs);
+    padded on CUDA, whose causal rows keep SDPA's flash kernel, where a mask with grouped-query heads may fall back
+    to the math kernel and its (T x T) scores: untested there for lack of a GPU."""
+    return choice if choice != "auto" else "padded" if device.type == "cuda" else "packed"
 LOSS = "DPO"
 
 
@@ -73,9 +80,10 @@ class DPOConfig(TrainingOptions):
     lr: float = setting(5e-5, "peak learning rate", parse=positive_float, group=TRAINING)
     lora_dropout: float = setting(0.0, "dropout on the LoRA input: must be 0 for DPO (policy and reference score "
                                   "with one network)", parse=fraction, group=TRAINING)
-    pair_layout: str = setting("packed", "a pair in a batch: packed = one row, the prompt once and a mask keeping "
+    pair_layout: str = setting("auto", "a pair in a batch: packed = one row, the prompt once and a mask keeping "
                                "each answer from the other (~30% fewer tokens on short answers); padded = chosen "
-                               "and rejected as two right-padded rows", choices=list(PAIR_LAYOUTS), group=TRAINING)
+                               "and rejected as two right-padded rows; auto = packed on a CPU, padded on CUDA",
+                               choices=["auto", *PAIR_LAYOUTS], group=TRAINING)
 
     def check(self) -> None:
         super().check()
@@ -192,7 +200,7 @@ def reference_key(cfg: DPOConfig, records: list[dict], device: torch.device) -> 
         "model": model_digest(cfg.model),
         "adapter": model_digest(cfg.adapter) if cfg.adapter else None,
         "max_len": cfg.max_len,
-        "pair_layout": cfg.pair_layout,
+        "pair_layout": resolve_pair_layout(cfg.pair_layout, device),
         "average_logps": cfg.average_logps,
         "dtype": cfg.dtype,
         "precision": cfg.precision,
@@ -289,7 +297,8 @@ def run(cfg: DPOConfig) -> dict:
     if built is not None:
         write_jsonl(out_dir / "pairs.jsonl", exported(built, ("chosen", "rejected"), cfg.export_format))
     step = DPOStep(Objective.of(cfg), reference)
-    collate = partial(PAIR_LAYOUTS[cfg.pair_layout], pad_id=tok.pad_id)
+    layout = resolve_pair_layout(cfg.pair_layout, device)
+    collate = partial(PAIR_LAYOUTS[layout], pad_id=tok.pad_id)
     if cfg.precompute_ref:
         key = reference_key(cfg, [r for _, r in records], device)
         precompute_reference(step, model, pairs, collate, cfg.batch_size, cfg.precision, out_dir, key)
@@ -297,7 +306,7 @@ def run(cfg: DPOConfig) -> dict:
     if val and not cfg.precompute_ref:  # the reference never changes: score the held-out pairs once, not per pass
         score_reference(step, model, val, collate, cfg.batch_size, cfg.precision)
     logger.info(f"DPO: {len(train_pairs)} train / {len(val)} val pairs, beta {cfg.beta}, loss {cfg.loss}, "
-                f"pairs {cfg.pair_layout}, device {device}")
+                f"pairs {layout}, device {device}")
     validate = (lambda m: held_out_loss(m, val, collate, step, cfg.batch_size)) if val else None
     last = run_training(train, model, train_pairs, collate, step, cfg.train_config(), out_dir, device,
                         resume=cfg.resume, desc="dpo", on_start=commit, validate=validate)

@@ -401,3 +401,10 @@ def test_pair_layouts_log_the_same_run(tiny_dir: Path, pairs: Path, tmp_path: Pa
     assert packed[-1]["loss"] != pytest.approx(packed[0]["loss"], abs=1e-3)  # it trained
     for a, b in zip(packed, padded):
         assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5) for k in keys), (a, b)
+
+
+def test_pair_layout_auto_packs_on_a_cpu_only():
+    assert dpo.resolve_pair_layout("auto", torch.device("cpu")) == "packed"
+    assert dpo.resolve_pair_layout("auto", torch.device("cuda")) == "padded"
+    assert dpo.resolve_pair_layout("packed", torch.device("cuda")) == "packed"
+    assert dpo.resolve_pair_layout("padded", torch.device("cpu")) == "padded"
