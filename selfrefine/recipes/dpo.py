@@ -36,6 +36,7 @@ REF_CACHE = "reference_logps.jsonl"
 
 
 PAIRS = "pairs: --pairs, or --samples (+ --demos) to build them first"
+LOSS = "DPO"
 PAIR_LAYOUTS = {"packed": pack_pairs, "padded": collate_pairs}  # --pair-layout: how a batch holds its pairs
 Collate = Callable[[list[TokenizedPair]], dict]
 
@@ -45,7 +46,6 @@ def resolve_pair_layout(choice: str, device: torch.device) -> str:
     padded on CUDA, whose causal rows keep SDPA's flash kernel, where a mask with grouped-query heads may fall back
     to the math kernel and its (T x T) scores: untested there for lack of a GPU."""
     return choice if choice != "auto" else "padded" if device.type == "cuda" else "packed"
-LOSS = "DPO"
 
 
 @dataclass
