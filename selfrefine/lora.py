@@ -216,9 +216,10 @@ def unmerge_lora(model: nn.Module) -> None:
 @torch.no_grad()
 def merge_rounding(model: nn.Module, dtype: torch.dtype) -> float:
     """How much a merge saved in `dtype` disturbs the adapters' change: ||round(W + dW) - (W + dW)|| / ||dW|| over
-    every adapted layer, the rounding error as a share of the change itself (above 1: more noise than change). A small learning rate's delta
-    can sit below bf16's resolution of the base weights (the CPU demo's DPO adapter: merged into bf16 weights, its
-    model scored 45.0% instead of 53.7%), and the saved model would then be mostly the model before training."""
+    every adapted layer, the rounding error as a share of the change itself (above 1: more noise than change). A
+    small learning rate's delta can sit below bf16's resolution of the base weights (the CPU demo's DPO adapter:
+    merged into bf16 weights, its model scored 45.0% instead of 53.7%), and the saved model would then be mostly the
+    model before training."""
     error = change = 0.0
     for _, m in _lora_modules(model):
         delta = m.delta_weight()
