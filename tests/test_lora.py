@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from selfrefine.checkpoint import load_model
 from selfrefine.errors import UserError
-from selfrefine.lora import (LoRAConfig, LoRALinear, adapter_disabled, inject_lora, load_adapter, lora_state_dict,
-                             merge_and_unload, merge_lora, save_adapter, set_adapter_enabled, unmerge_lora)
+from selfrefine.lora import (LoRAConfig, LoRALinear, adapter_disabled, inject_lora, load_adapter, lora_dropout,
+                             lora_state_dict, merge_and_unload, merge_lora, save_adapter, set_adapter_enabled, unmerge_lora)
 from selfrefine.model import ModelConfig, Transformer
 
 TARGETS = LoRAConfig().targets
@@ -87,9 +87,38 @@ def test_dropout_only_in_train_mode_and_only_on_the_lora_input() -> None:
     torch.manual_seed(7)
     got = layer(x)
     torch.manual_seed(7)
-    want = base + lora(F.dropout(x, 0.5, training=True))
+    want = base + lora(lora_dropout(x, 0.5, training=True))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert not torch.allclose(got, base + lora(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_lora_dropout_rate_and_scale(p: float) -> None:
+    """Each of the four 16-bit lanes of a 64-bit draw drops at p (rounded to 2^-16): a lane fed by fewer random
+    bits (the sign of a non-negative draw, say) would be off by far more than the 5-sigma tolerance; the kept
+    elements are scaled so the expectation is x."""
+    torch.manual_seed(0)
+    x = torch.ones(4, 250_000)
+    out = lora_dropout(x, p, training=True)
+    q = round(p * 2**16) / 2**16
+    values = out.unique().tolist()
+    assert len(values) == 2 and values[0] == 0 and values[1] == pytest.approx(1 / (1 - q), rel=1e-6)
+    for lane in range(4):
+        dropped = (out.flatten()[lane::4] == 0).double().mean().item()
+        assert abs(dropped - q) < 5 * math.sqrt(q * (1 - q) / 250_000)
+    assert abs(out.double().mean().item() - 1) < 5 * math.sqrt(q / (1 - q) / 1_000_000)
+
+
+def test_lora_dropout_is_seeded_shaped_and_off_outside_training() -> None:
+    x = torch.randn(3, 5, 7, dtype=torch.bfloat16, requires_grad=True)  # 105 elements: not a multiple of 4
+    assert lora_dropout(x, 0.5, training=False) is x and lora_dropout(x, 0.0, training=True) is x
+    torch.manual_seed(1)
+    a = lora_dropout(x, 0.5, training=True)
+    torch.manual_seed(1)
+    b = lora_dropout(x, 0.5, training=True)
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.equal(a, b) and (a == 0).any() and (a != 0).any()
+    a.float().sum().backward()  # d out / d x: the scale where kept, 0 where dropped
+    assert torch.equal(x.grad, torch.where(a == 0, 0.0, 2.0).to(x.dtype))
 
 
 def test_bfloat16_base_keeps_float32_adapter() -> None:
