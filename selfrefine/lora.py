@@ -69,9 +69,6 @@ class LoRAConfig:
         return self.alpha / self.r
 
 
-DROP_BITS = 16  # random bits per element of `lora_dropout` on a CPU
-
-
 def lora_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout of the LoRA input: each element zeroed with probability about p, the rest scaled up so the
     expectation is x. On a CPU, `F.dropout` draws one float per element from a serial Mersenne Twister: 18% of a
@@ -82,7 +79,7 @@ def lora_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    span = 1 << DROP_BITS
+    span = 1 << 16  # each element's bits: one int16 lane of a 64-bit draw
     cut = min(round(p * span), span - 1)
     bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # every 64-bit value
     drop = bits.view(torch.int16)[:x.numel()].view(x.shape) < cut - span // 2  # int16 lanes: -2^15 .. 2^15 - 1
