@@ -114,8 +114,12 @@ class LoRALinear(nn.Linear):
         """(alpha / r) B A in float32: what the adapter adds to the base weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer's own product (`packed_linear` may stand in for it at inference)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.base(x)
         if not self.enabled or self.merged:
             return out
         h = lora_dropout(x, self.dropout, self.training).to(self.lora_A.dtype)

@@ -31,6 +31,7 @@ from .decode_step import EagerStep, StaticStep
 from .errors import fail
 from .log import quiet
 from .model import Transformer
+from .packed_linear import packed_linears
 from .progress import progress_bar
 
 
@@ -411,7 +412,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             on_batch(plan[b], [results[i][j] for i, j in plan[b]])
 
     if rows:
-        generate_rows(model, prompts, rows, params, set(stop_ids), decode, batch_size, seed, on_row,
-                      log=tqdm.write if progress and not quiet() else None, static=static)
+        with packed_linears(model):
+            generate_rows(model, prompts, rows, params, set(stop_ids), decode, batch_size, seed, on_row,
+                          log=tqdm.write if progress and not quiet() else None, static=static)
     bar.close()
     return results

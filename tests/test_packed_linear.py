@@ -1,0 +1,107 @@
+"""Prepacked bfloat16 linear layers against the plain ones: the same bits, the adapter's path kept, nothing
+swapped where packing does not apply, everything restored on the way out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from selfrefine import sampling
+from selfrefine.lora import LoRAConfig, inject_lora
+from selfrefine.model import ModelConfig, Transformer
+from selfrefine.packed_linear import packable, packed_linears
+from selfrefine.sampling import SamplingParams, generate
+
+needs_packing = pytest.mark.skipif(not packable(torch.zeros(1, 1, dtype=torch.bfloat16)),
+                                   reason="this torch build has no oneDNN packed linear")
+
+
+def tiny(dtype: torch.dtype, bias: bool = False) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=True, attention_bias=bias)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3) if p.dim() == 2 else p.normal_(1, 0.1)
+    return m.to(dtype)
+
+
+def swapped(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if "forward" in m.__dict__ or "base" in m.__dict__]
+
+
+@needs_packing
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_logits_are_bit_identical(bias: bool) -> None:
+    model = tiny(torch.bfloat16, bias)
+    ids = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(ids)
+        with packed_linears(model) as n:
+            assert n == 2 * 7 + 1 and len(swapped(model)) == n  # every projection and the head
+            got = model(ids)
+            one_row = model(ids[:1, :1])  # a decode-sized product
+        assert not swapped(model)
+    assert torch.equal(got, want)
+    assert torch.equal(one_row, want[:1, :1])
+
+
+@needs_packing
+def test_an_unmerged_adapter_still_applies() -> None:
+    model = tiny(torch.bfloat16)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = model(ids)
+        with packed_linears(model) as n:
+            assert n == 2 * 7 + 1
+            assert all("base" in m.__dict__ for m in swapped(model) if m is not model.lm_head)
+            got = model(ids)
+    assert torch.equal(got, want)
+
+
+def test_float32_weights_are_left_alone() -> None:
+    model = tiny(torch.float32)
+    with packed_linears(model) as n:
+        assert n == 0 and not swapped(model)
+
+
+@needs_packing
+def test_the_plain_layers_come_back_after_an_error() -> None:
+    model = tiny(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="inside"):
+        with packed_linears(model):
+            assert swapped(model)
+            raise RuntimeError("inside")
+    assert not swapped(model)
+
+
+@needs_packing
+def test_generate_packs_and_samples_what_the_plain_layers_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy and temperature sampling of a bf16 model with the packed layers (the default) and with them switched
+    off give the same tokens; and packing does happen inside `generate`."""
+    model = tiny(torch.bfloat16)
+    prompts = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 5, 14)]
+    counts = []
+
+    def counting(m: nn.Module):
+        cm = packed_linears(m)
+        counts.append(cm)
+        return cm
+
+    def run(**kw) -> list[list[list[int]]]:
+        out = generate(model, prompts, SamplingParams(max_new_tokens=12, **kw), stop_ids=[], batch_size=3,
+                       progress=False)
+        return [[c.token_ids for c in row] for row in out]
+
+    monkeypatch.setattr(sampling, "packed_linears", counting)
+    packed = [run(), run(temperature=0.9, n=2)]
+    assert len(counts) == 2
+    monkeypatch.setattr(sampling, "packed_linears", lambda m: packed_linears(nn.Module()))
+    assert [run(), run(temperature=0.9, n=2)] == packed
