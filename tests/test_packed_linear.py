@@ -3,6 +3,9 @@ swapped where packing does not apply, everything restored on the way out."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -88,12 +91,13 @@ def test_generate_packs_and_samples_what_the_plain_layers_sample(monkeypatch: py
     off give the same tokens; and packing does happen inside `generate`."""
     model = tiny(torch.bfloat16)
     prompts = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 5, 14)]
-    counts = []
+    counts: list[int] = []
 
-    def counting(m: nn.Module):
-        cm = packed_linears(m)
-        counts.append(cm)
-        return cm
+    @contextmanager
+    def counting(m: nn.Module) -> Iterator[int]:
+        with packed_linears(m) as n:
+            counts.append(n)
+            yield n
 
     def run(**kw) -> list[list[list[int]]]:
         out = generate(model, prompts, SamplingParams(max_new_tokens=12, **kw), stop_ids=[], batch_size=3,
@@ -102,6 +106,6 @@ def test_generate_packs_and_samples_what_the_plain_layers_sample(monkeypatch: py
 
     monkeypatch.setattr(sampling, "packed_linears", counting)
     packed = [run(), run(temperature=0.9, n=2)]
-    assert len(counts) == 2
+    assert counts == [2 * 7 + 1] * 2  # every projection and the head, in each call
     monkeypatch.setattr(sampling, "packed_linears", lambda m: packed_linears(nn.Module()))
     assert [run(), run(temperature=0.9, n=2)] == packed
