@@ -49,11 +49,14 @@ class SlotCache:
 
     kt: (layers, slots, kv_heads, head_dim, max_len), the keys stored transposed; v: (layers, slots, kv_heads,
     max_len, head_dim). For each one-token decode forward over slots 0..B-1 the sampler sets `index` (B,), the
-    slot each row's new key is written to (its length so far), and `span`: keys 0..span-1 are returned; the
-    caller's (B, 1, 1, span) mask hides each row's keys past its own index (stale keys of a slot's earlier
-    occupant, or nothing yet). The keys are returned as a (B, kv_heads, span, head_dim) view of `kt`, so the
-    decode step's q @ K^T reads them in place: stored the usual way, that product copied K^T every layer and step
-    (14% of a bf16 decode step at 128 slots on a 2-core CPU).
+    slot each row's new key is written to (its length so far); every position 0..max_len-1 is returned, and the
+    caller's (B, 1, 1, max_len) mask hides each row's keys past its own index (stale keys of a slot's earlier
+    occupant, or nothing yet). The keys come back as a (B, kv_heads, max_len, head_dim) view of `kt` and the values
+    as one of `v`, both compact per matrix, so the decode step's products read them in place: stored the usual
+    way, q @ K^T copied K^T every layer and step (14% of a bf16 decode step at 128 slots on a 2-core CPU); cut to
+    the longest row's keys, both products copied K and V (a batched matmul copies operands whose matrices are
+    not packed back to back), three times the bytes of reading all max_len positions while the longest row
+    holds a third of them.
     """
 
     def __init__(self, kt: torch.Tensor, v: torch.Tensor) -> None:
@@ -61,7 +64,6 @@ class SlotCache:
         self.max_len = v.shape[3]
         self.length = 0  # advanced by the model after each forward; unused here
         self.index: torch.Tensor | None = None
-        self.span = 0
 
     @classmethod
     def empty(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
@@ -82,7 +84,7 @@ class SlotCache:
         rows = torch.arange(B, device=k.device)
         self.kt[layer, :B][rows, :, :, self.index] = k[:, :, 0]  # a view: written in place
         self.v[layer, :B][rows, :, self.index] = v[:, :, 0]
-        return self.kt[layer, :B, :, :, :self.span].transpose(-1, -2), self.v[layer, :B, :, :self.span]
+        return self.kt[layer, :B].transpose(-1, -2), self.v[layer, :B]
 
 
 def attention_mask(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -105,12 +107,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     The heads of a KV group are stacked as the query rows of one matmul against their shared keys, so K and V
     are neither repeated nor copied; on the CPU this is about twice as fast as SDPA's masked path at 64 rows.
+    The scale and the mask (as 0 / -inf added to the scores) ride in the same `baddbmm`, one kernel instead of
+    three passes over the scores.
     """
     B, H, _, d = q.shape
-    G = k.shape[1]
-    scores = torch.matmul(q.view(B, G, H // G, d), k.transpose(-1, -2)) * d ** -0.5  # (B, G, H/G, S)
-    scores = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    return torch.matmul(scores.to(v.dtype), v).view(B, H, 1, d)
+    G, S = k.shape[1], k.shape[2]
+    hidden = torch.zeros(B, 1, S, dtype=q.dtype, device=q.device).masked_fill_(~mask.view(B, 1, S), float("-inf"))
+    scores = torch.baddbmm(hidden.expand(B, G, S).reshape(B * G, 1, S), q.reshape(B * G, H // G, d),
+                           k.transpose(-1, -2).reshape(B * G, d, S), alpha=d ** -0.5)  # (B * G, H/G, S)
+    return torch.bmm(scores.softmax(-1), v.reshape(B * G, S, d)).view(B, H, 1, d)
 
 
 class Attention(nn.Module):

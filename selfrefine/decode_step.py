@@ -1,12 +1,12 @@
 """The sampler's one-token decode forward over its slot cache, at either of two kinds of shapes.
 
-`EagerStep` feeds the busy slots 0..hi-1 against keys 0..span-1 (the longest row so far): the least work, but
-shapes that change every step. `StaticStep` feeds every slot against the whole cache, from token-id and position
-tensors that never move, so on CUDA the forward is captured once as a CUDA graph and each step is one replay:
-a small model's decode step is otherwise bound by launching its few hundred kernels, not by the GPU. Extra keys
-are masked (exact zeros after the softmax) and a free slot only writes its own position 0, which the next prompt
-admitted to it overwrites, so both steps give the same tokens. On the CPU the static step runs without capture
-(the same code, no graph), so the CPU tests check its logic.
+Both read every position of the cache, each row's keys past its own length masked (exact zeros after the
+softmax). `EagerStep` feeds the busy slots 0..hi-1: the least work, but a row count that changes every step.
+`StaticStep` feeds every slot, from token-id and position tensors that never move, so on CUDA the forward is
+captured once as a CUDA graph and each step is one replay: a small model's decode step is otherwise bound by
+launching its few hundred kernels, not by the GPU. A free slot only writes its own position 0, which the next
+prompt admitted to it overwrites, so both steps give the same tokens. On the CPU the static step runs without
+capture (the same code, no graph), so the CPU tests check its logic.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class EagerStep:
         """Row s < len(ids): token ids[s] written at cache position at[s]; its next-token logits go to logits[s]."""
         device = self.logits.device
         index = torch.tensor(at, device=device)
-        self.cache.index, self.cache.span = index, max(at) + 1
-        mask = (torch.arange(self.cache.span, device=device)[None] <= index[:, None])[:, None, None]
+        self.cache.index = index
+        mask = (torch.arange(self.cache.max_len, device=device)[None] <= index[:, None])[:, None, None]
         hidden = self.model.hidden_states(torch.tensor(ids, device=device)[:, None], index[:, None], mask, self.cache)
         self.model.logits_into(hidden[:, -1], self.logits[:len(ids)])
 
@@ -58,7 +58,7 @@ class StaticStep:
         self.graph = capture_graph(self.forward) if capture else None
 
     def forward(self) -> None:
-        self.cache.index, self.cache.span = self.index, self.cache.max_len
+        self.cache.index = self.index
         mask = (self.keys[None] <= self.index[:, None])[:, None, None]
         hidden = self.model.hidden_states(self.ids, self.index[:, None], mask, self.cache)
         self.model.logits_into(hidden[:, -1], self.logits)

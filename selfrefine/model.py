@@ -137,10 +137,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """weight * (x / rms(x)), the normalisation in float32 and rounded back to x's dtype before the weight, as
+        the reference does; `F.rms_norm` is that float32 math in one kernel (bit-identical on the CPU, tested)
+        where it took six, and a decode step runs 61 norms."""
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):

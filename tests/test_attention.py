@@ -95,17 +95,19 @@ def test_decode_attention_matches_naive_grouped_attention() -> None:
     torch.testing.assert_close(decode_attention(q, k, v, mask), torch.softmax(scores, -1) @ vr, rtol=0, atol=1e-12)
 
 
-def test_slot_cache_returns_keys_as_a_view_whose_transpose_is_row_major() -> None:
-    """The decode step's q @ K^T must read the stored keys in place: the keys come back as a view of `kt`, and
-    their transpose has unit stride along the positions (what a batched matmul takes without a copy)."""
+def test_slot_cache_returns_keys_and_values_as_views_a_batched_matmul_reads_in_place() -> None:
+    """The decode step's products must read the stored keys and values in place: both come back as views of the
+    cache whose matrices are packed back to back (the keys' transpose and the values each fold into one
+    (rows x kv_heads) batch without a copy), covering every position."""
     from selfrefine.attention import SlotCache
 
     cache = SlotCache.empty(2, 4, 3, 10, 8, torch.float32, "cpu")
-    cache.index, cache.span = torch.tensor([0, 5, 2]), 6
+    cache.index = torch.tensor([0, 5, 2])
     k, v = torch.randn(3, 3, 1, 8), torch.randn(3, 3, 1, 8)
     keys, values = cache.write(1, k, v)
-    assert keys.shape == (3, 3, 6, 8) and values.shape == (3, 3, 6, 8)
+    assert keys.shape == (3, 3, 10, 8) and values.shape == (3, 3, 10, 8)
     assert keys.untyped_storage().data_ptr() == cache.kt.untyped_storage().data_ptr()
-    assert keys.transpose(-1, -2).stride(-1) == 1
+    assert values.untyped_storage().data_ptr() == cache.v.untyped_storage().data_ptr()
+    assert keys.transpose(-1, -2).is_contiguous() and values.is_contiguous()
     torch.testing.assert_close(keys[1, :, 5], k[1, :, 0], rtol=0, atol=0)
     torch.testing.assert_close(values[2, :, 2], v[2, :, 0], rtol=0, atol=0)

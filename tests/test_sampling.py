@@ -91,9 +91,9 @@ def test_positions_and_masks_per_slot(model, monkeypatch):
     # One prefill, right-padded and plainly causal (no mask); the plan puts the longer prompt in slot 0.
     assert ids0.tolist() == [prompts[1], prompts[0] + [0, 0]] and mask0 is None
     assert pos0.tolist() == [[0, 1, 2, 3]] * 2
-    # Decode steps: each slot at its own position, seeing its own keys only.
+    # Decode steps: each slot at its own position, seeing its own keys only, over the whole cache (4 + 3 - 1 positions).
     assert pos1.tolist() == [[4], [2]] and pos2.tolist() == [[5], [3]]
-    assert mask1[:, 0, 0].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert mask1[:, 0, 0].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]
     assert mask2[:, 0, 0].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
 
 
