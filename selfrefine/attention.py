@@ -55,8 +55,8 @@ class SlotCache:
     as one of `v`, both compact per matrix, so the decode step's products read them in place: stored the usual
     way, q @ K^T copied K^T every layer and step (14% of a bf16 decode step at 128 slots on a 2-core CPU); cut to
     the longest row's keys, both products copied K and V (a batched matmul copies operands whose matrices are
-    not packed back to back), three times the bytes of reading all max_len positions while the longest row
-    holds a third of them.
+    not packed back to back): three passes over the kept positions (read, write, read again), more bytes than
+    one pass over all max_len of them unless the longest row holds less than a third.
     """
 
     def __init__(self, kt: torch.Tensor, v: torch.Tensor) -> None:
@@ -112,8 +112,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     B, H, _, d = q.shape
     G, S = k.shape[1], k.shape[2]
-    hidden = torch.zeros(B, 1, S, dtype=q.dtype, device=q.device).masked_fill_(~mask.view(B, 1, S), float("-inf"))
-    scores = torch.baddbmm(hidden.expand(B, G, S).reshape(B * G, 1, S), q.reshape(B * G, H // G, d),
+    bias = torch.zeros(B, 1, S, dtype=q.dtype, device=q.device).masked_fill_(~mask.view(B, 1, S), float("-inf"))
+    scores = torch.baddbmm(bias.expand(B, G, S).reshape(B * G, 1, S), q.reshape(B * G, H // G, d),
                            k.transpose(-1, -2).reshape(B * G, d, S), alpha=d ** -0.5)  # (B * G, H/G, S)
     return torch.bmm(scores.softmax(-1), v.reshape(B * G, S, d)).view(B, H, 1, d)
 

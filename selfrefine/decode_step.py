@@ -29,19 +29,26 @@ def use_static_step(choice: str, device: torch.device) -> bool:
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
+def visible_keys(keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, max_len) bool from the cache positions `keys` (max_len,): row b sees positions 0..index[b], its
+    own keys and the one it writes now."""
+    return (keys[None] <= index[:, None])[:, None, None]
+
+
 class EagerStep:
     """The decode forward at the busy rows' own shapes."""
 
     def __init__(self, model: Transformer, cache: SlotCache, logits: torch.Tensor) -> None:
         self.model, self.cache, self.logits = model, cache, logits
+        self.keys = torch.arange(cache.max_len, device=logits.device)
 
     def __call__(self, ids: list[int], at: list[int]) -> None:
         """Row s < len(ids): token ids[s] written at cache position at[s]; its next-token logits go to logits[s]."""
         device = self.logits.device
         index = torch.tensor(at, device=device)
         self.cache.index = index
-        mask = (torch.arange(self.cache.max_len, device=device)[None] <= index[:, None])[:, None, None]
-        hidden = self.model.hidden_states(torch.tensor(ids, device=device)[:, None], index[:, None], mask, self.cache)
+        hidden = self.model.hidden_states(torch.tensor(ids, device=device)[:, None], index[:, None],
+                                          visible_keys(self.keys, index), self.cache)
         self.model.logits_into(hidden[:, -1], self.logits[:len(ids)])
 
 
@@ -59,7 +66,7 @@ class StaticStep:
 
     def forward(self) -> None:
         self.cache.index = self.index
-        mask = (self.keys[None] <= self.index[:, None])[:, None, None]
+        mask = visible_keys(self.keys, self.index)
         hidden = self.model.hidden_states(self.ids, self.index[:, None], mask, self.cache)
         self.model.logits_into(hidden[:, -1], self.logits)
 

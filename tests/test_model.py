@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from selfrefine.checkpoint import load_model
-from selfrefine.model import Transformer
+from selfrefine.model import RMSNorm, Transformer
 from tests.helpers import tiny_config
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -113,8 +113,6 @@ def test_config_refuses_out_of_range_or_mistyped_values(change: dict, says: str)
 def test_rms_norm_equals_the_reference_formula_bit_for_bit(dtype):
     """`RMSNorm` (one fused float32 kernel) gives the same bits as the reference's composite float32 math, over
     widths and scales, and the same gradient up to float32 rounding."""
-    from selfrefine.model import RMSNorm
-
     g = torch.Generator().manual_seed(0)
     for dim in (64, 576, 2048):
         norm = RMSNorm(dim, 1e-5)
