@@ -1,5 +1,5 @@
-"""Prepacked bfloat16 linear layers against the plain ones: the same bits, the adapter's path kept, nothing
-swapped where packing does not apply, everything restored on the way out."""
+"""Prepacked bfloat16 linear layers against the plain ones: the same bits (fused q/k/v and gate/up included), the
+adapter's path kept, nothing swapped where packing does not apply, everything restored on the way out."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch.nn as nn
 
 from selfrefine import sampling
 from selfrefine.lora import LoRAConfig, inject_lora
-from selfrefine.model import ModelConfig, Transformer
-from selfrefine.packed_linear import packable, packed_linears
+from selfrefine.attention import Attention
+from selfrefine.model import MLP, ModelConfig, Transformer
+from selfrefine.packed_linear import _split_product, packable, packed_linears
 from selfrefine.sampling import SamplingParams, generate
 
 needs_packing = pytest.mark.skipif(not packable(torch.zeros(1, 1, dtype=torch.bfloat16)),
@@ -32,7 +33,24 @@ def tiny(dtype: torch.dtype, bias: bool = False) -> Transformer:
 
 
 def swapped(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if "forward" in m.__dict__ or "base" in m.__dict__]
+    return [m for m in model.modules() if {"forward", "base", "project", "gate_up"} & m.__dict__.keys()]
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 8, 100, 257])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_fused_product_gives_each_projection_s_own_bits(rows: int, bias: bool) -> None:
+    """At the 135M model's widths (q/k/v: 576 -> 576 + 192 + 192; gate/up: 576 -> 1536 + 1536), from a decode step's
+    rows to a prefill's: every column of the fused product is the plain layer's."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=g).bfloat16()
+    for widths in ([576, 192, 192], [1536, 1536]):
+        weights = [torch.randn(w, 576, generator=g).bfloat16() for w in widths]
+        biases = [torch.randn(w, generator=g).bfloat16() if bias else None for w in widths]
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights))
+        got = _split_product(packed, torch.cat(biases) if bias else None, widths, x)
+        for out, w, b in zip(got, weights, biases, strict=True):
+            assert torch.equal(out, nn.functional.linear(x, w, b))
 
 
 @needs_packing
@@ -43,7 +61,10 @@ def test_packed_logits_are_bit_identical(bias: bool) -> None:
     with torch.inference_mode():
         want = model(ids)
         with packed_linears(model) as n:
-            assert n == 2 * 7 + 1 and len(swapped(model)) == n  # every projection and the head
+            assert n == 2 * 7 + 1  # every projection and the head
+            assert len(swapped(model)) == 2 * 4 + 1  # q/k/v and gate/up fused in each layer
+            assert all({"project", "gate_up"} & m.__dict__.keys() for m in model.modules()
+                       if isinstance(m, (Attention, MLP)))
             got = model(ids)
             one_row = model(ids[:1, :1])  # a decode-sized product
         assert not swapped(model)
@@ -53,8 +74,9 @@ def test_packed_logits_are_bit_identical(bias: bool) -> None:
 
 @needs_packing
 def test_an_unmerged_adapter_still_applies() -> None:
+    """Layers with an adapter are packed one by one (their adapter path kept), the others fused as usual."""
     model = tiny(torch.bfloat16)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "o_proj", "up_proj")))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -64,7 +86,8 @@ def test_an_unmerged_adapter_still_applies() -> None:
         want = model(ids)
         with packed_linears(model) as n:
             assert n == 2 * 7 + 1
-            assert all("base" in m.__dict__ for m in swapped(model) if m is not model.lm_head)
+            assert sorted(m.__class__.__name__ for m in swapped(model) if "base" in m.__dict__) == ["LoRALinear"] * 8
+            assert not any({"project", "gate_up"} & m.__dict__.keys() for m in model.modules())
             got = model(ids)
     assert torch.equal(got, want)
 
