@@ -4,12 +4,13 @@ A fixed number of decoding slots (`batch_size`), each row at its own length, RoP
 one token per busy slot per step, in one forward. When a row finishes, its slot takes the next waiting
 (prompt, sample) at once; the waiting prompts are prefilled together, each prompt once for all its n
 samples (its keys/values copied into their slots), and the token prefix all prompts share (the chat
-template's system turn) once for the whole run. Nothing is padded or recomputed, no cache row moves.
+template's system turn) once for the whole run. Nothing is recomputed, no cache row moves.
 
 Determinism: each (prompt, sample) row draws from its own generator seeded by (seed, prompt, sample), so
 the same seed gives the same samples at any slot count, and running any subset of rows (sharding over
-processes) gives exactly the samples of a full run for those rows. Stop strings are checked on the new
-text only (`StopScanner`).
+processes) gives exactly the samples of a full run for those rows. That needs the same bits as well as the same
+draws: a row's numbers must not depend on the rows it shares a forward with, which in floating point is not
+free (`PAD_TO`, `MIN_ROWS`). Stop strings are checked on the new text only (`StopScanner`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ from .log import quiet
 from .model import Transformer
 from .packed_linear import packed_linears
 from .progress import progress_bar
+
+# A decode step runs at least this many rows: oneDNN's one-row product rounds differently from its many-row one
+# (bfloat16, the 135M model's down projection, 1536 -> 576: other bits at 1 row than at any of 2-512, measured on
+# a 2-core AMD EPYC), so a row's tokens changed with whether it happened to decode alone (a run's tail, one slot).
+MIN_ROWS = 2
+PAD_TO = 8  # a prompt's prefill is right-padded to a multiple of this many tokens (after the shared prefix)
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
     """
     ctx, device = model.config.max_position_embeddings, model.model.embed_tokens.weight.device
     budget = {i: min(params.max_new_tokens, ctx - len(prompts[i])) for i, _ in rows}  # never outgrow the context
-    slots = min(slots, len(rows))
+    slots = max(min(slots, len(rows)), MIN_ROWS)  # a spare slot where one row runs alone
     cache = _slot_cache(model, slots, max(len(prompts[i]) + budget[i] - 1 for i, _ in rows), log)
     logits = torch.zeros(slots, model.config.vocab_size, device=device)  # row s: slot s's next-token logits
     step = StaticStep(model, cache, logits, device.type == "cuda") if static else EagerStep(model, cache, logits)
@@ -257,29 +264,45 @@ def _slot_cache(model: Transformer, slots: int, positions: int, log: Callable[[s
                            weight.device)
 
 
+def padded_length(n: int) -> int:
+    """The length a prompt of `n` tokens is prefilled at. A function of the prompt alone, not of the group it
+    happens to share a forward with: in bfloat16 a padded row's keys and logits change with the padded length
+    (attention's reductions over more keys split differently: 0.5 in a logit on GSM8K), so padding each group to
+    its longest member made samples depend on the slot count and the sharding."""
+    return -(-n // PAD_TO) * PAD_TO
+
+
 def _prefill(model: Transformer, prompts: list[list[int]], prefix: KVCache | None = None,
              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(keys, values, next-token logits) of each prompt, from forwards over groups of them whose MLP activations
-    fit the device's chunk budget (`chunks.chunk_rows`: on a CPU, 128 prompts at once made 46 MB tensors in every
-    layer, page-faulted in afresh; 11 prompts at a time took 8.4 s instead of 13.2 s). With `prefix` (the
-    keys/values of the first `prefix.length` tokens that every prompt starts with), only the rest of each prompt
-    is computed."""
+    """(keys, values, next-token logits) of each prompt, from forwards over groups of prompts of the same
+    `padded_length`, each group as large as the device's chunk budget allows (`chunks.chunk_rows`: on a CPU, 128
+    prompts at once made 46 MB tensors in every layer, page-faulted in afresh; 11 prompts at a time took 8.4 s
+    instead of 13.2 s). With `prefix` (the keys/values of the first `prefix.length` tokens that every prompt
+    starts with), only the rest of each prompt is computed."""
     start = prefix.length if prefix is not None else 0
     weight = model.model.embed_tokens.weight
-    longest = max(len(p) for p in prompts) - start
-    # the MLP holds about four (tokens x intermediate) tensors at once: gate, up, the activation, their product
-    rows = chunk_rows(4 * longest * model.config.intermediate_size * weight.dtype.itemsize, weight.device)
-    return [kv for i in range(0, len(prompts), rows) for kv in _prefill_group(model, prompts[i:i + rows], prefix)]
+    buckets: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        buckets.setdefault(padded_length(len(p) - start), []).append(i)
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * len(prompts)  # type: ignore[list-item]
+    for L, members in sorted(buckets.items()):
+        # the MLP holds about four (tokens x intermediate) tensors at once: gate, up, the activation, their product
+        rows = chunk_rows(4 * L * model.config.intermediate_size * weight.dtype.itemsize, weight.device)
+        for g in range(0, len(members), rows):
+            group = members[g:g + rows]
+            for i, kv in zip(group, _prefill_group(model, [prompts[i] for i in group], prefix, L)):
+                out[i] = kv
+    return out
 
 
-def _prefill_group(model: Transformer, prompts: list[list[int]], prefix: KVCache | None,
+def _prefill_group(model: Transformer, prompts: list[list[int]], prefix: KVCache | None, L: int,
                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`_prefill` of one group in one forward (right-padded: causal attention alone hides the padding)."""
+    """`_prefill` of one group in one forward, every prompt right-padded to `L` tokens after the prefix (causal
+    attention alone hides the padding)."""
     device = model.model.embed_tokens.weight.device
     start = prefix.length if prefix is not None else 0
     rest = [p[start:] for p in prompts]
     lens = [len(p) for p in rest]
-    L = max(lens)
     ids = torch.tensor([p + [0] * (L - len(p)) for p in rest], device=device)
     tmp = model.new_cache(len(prompts), start + L)
     if prefix is not None:
@@ -355,8 +378,9 @@ def _finished(row: _Row, tok: int, stop_ids: set[int], decode: Callable[[list[in
 
 def _feed(step: EagerStep | StaticStep, busy: list[_Row | None], tokens: list[int]) -> None:
     """One forward: every busy row's last token, at its own slot and position (a free slot below the last busy
-    one is fed token 0 at position 0); the new next-token logits go into the step's `logits`."""
-    hi = max(s for s, row in enumerate(busy) if row is not None) + 1
+    one, or up to `MIN_ROWS`, is fed token 0 at position 0); the new next-token logits go into the step's
+    `logits`."""
+    hi = max(max(s for s, row in enumerate(busy) if row is not None) + 1, MIN_ROWS)
     step([tokens[s] if busy[s] is not None else 0 for s in range(hi)],
          [busy[s].length if busy[s] is not None else 0 for s in range(hi)])
     for row in busy:
