@@ -284,7 +284,7 @@ def _prefill(model: Transformer, prompts: list[list[int]], prefix: KVCache | Non
     buckets: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         buckets.setdefault(padded_length(len(p) - start), []).append(i)
-    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [None] * len(prompts)  # type: ignore[list-item]
+    out: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for L, members in sorted(buckets.items()):
         # the MLP holds about four (tokens x intermediate) tensors at once: gate, up, the activation, their product
         rows = chunk_rows(4 * L * model.config.intermediate_size * weight.dtype.itemsize, weight.device)
@@ -292,7 +292,7 @@ def _prefill(model: Transformer, prompts: list[list[int]], prefix: KVCache | Non
             group = members[g:g + rows]
             for i, kv in zip(group, _prefill_group(model, [prompts[i] for i in group], prefix, L)):
                 out[i] = kv
-    return out
+    return [out[i] for i in range(len(prompts))]
 
 
 def _prefill_group(model: Transformer, prompts: list[list[int]], prefix: KVCache | None, L: int,
