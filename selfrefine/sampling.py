@@ -36,8 +36,9 @@ from .packed_linear import packed_linears
 from .progress import progress_bar
 
 # A decode step runs at least this many rows: oneDNN's one-row product rounds differently from its many-row one
-# (bfloat16, the 135M model's down projection, 1536 -> 576: other bits at 1 row than at any of 2-512, measured on
-# a 2-core AMD EPYC), so a row's tokens changed with whether it happened to decode alone (a run's tail, one slot).
+# (bfloat16, the 135M model's down projection, 1536 -> 576: for some rows, the row alone got other bits than the
+# same row in products of 2 to 512 rows, which all agree; measured on a 2-core AMD EPYC), so a row's tokens changed
+# with whether it happened to decode alone (a run's tail, one slot).
 MIN_ROWS = 2
 PAD_TO = 8  # a prompt's prefill is right-padded to a multiple of this many tokens (after the shared prefix)
 

@@ -10,7 +10,8 @@ import torch
 import selfrefine.chunks as chunks
 from selfrefine.chunks import CHUNK_BYTES, DEFAULT_CHUNK_BYTES, chunk_rows
 from selfrefine.model import ModelConfig, Transformer
-from selfrefine.sampling import PAD_TO, SamplingParams, _prefill, _prefill_group, _shared_prefix, next_tokens, padded_length
+from selfrefine.sampling import (PAD_TO, SamplingParams, _prefill, _prefill_group, _shared_prefix, next_tokens,
+                                 padded_length)
 
 
 def test_rows_fit_the_device_budget():
