@@ -1,9 +1,11 @@
 """The GPU report in one command: the test suite on the GPU and the GPU benchmarks, as one markdown table.
 
-    bash bench/gpu_report.sh [OUT_DIR] [--only tests,sft_1b,...]   (default OUT_DIR: bench/gpu_report_out)
+    bash bench/gpu_report.sh [OUT_DIR] [--only tests,sft_1b,...] [--budget SECONDS] [--pytest-args "-n 8"]
+    (default OUT_DIR: bench/gpu_report_out)
 
 The table is OUT_DIR/report.md. `--only` runs some parts and builds the table from every result already in
-OUT_DIR, so a report can be gathered over several shorter runs on a machine whose calls are time-limited.
+OUT_DIR, so a report can be gathered over several shorter runs on a machine whose calls are time-limited;
+`--budget` bounds the whole run's wall time (a part that no longer fits is not started, and says so in its log).
 
 Whoever is lent a GPU runs it first: GPU figures are rare. On a machine without CUDA it says so in one line and
 exits 0. Each benchmark runs in its own process (an out-of-memory in one leaves the others standing) and writes
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+MIN_PART_S = 30  # a part is not started with less of the --budget left than this
 BF16 = ["--device", "cuda", "--dtype", "bfloat16"]
 # name -> (what it measures, arguments of `python`); each benchmark also gets `--json OUT_DIR/<name>.json`.
 BENCHMARKS = {
@@ -52,6 +56,16 @@ def run(argv: list[str], log: Path, timeout: int) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
+def timed_run(argv: list[str], log: Path, timeout: int, deadline: float) -> str:
+    """Run one part within its own timeout and the report's deadline (time.perf_counter()); what became of it."""
+    left = int(deadline - time.perf_counter())
+    if left < MIN_PART_S:
+        log.write_text(f"not run: {max(left, 0)} s of the --budget left, under {MIN_PART_S} s\n")
+        return "not run (out of --budget)"
+    rc, secs = run(argv, log, min(timeout, left))
+    return f"{'ok' if rc == 0 else 'timed out' if rc == 124 else f'failed (exit {rc})'} ({secs:.0f} s)"
+
+
 def suite_summary(log_text: str) -> str:
     """pytest's closing counts ("650 passed, 1 skipped in 90s"), or what is known without them."""
     found = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?) in [\d.]+s", log_text, re.M)
@@ -65,7 +79,7 @@ def _fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
 def rows(name: str, result: dict | None, what: str) -> list[str]:
     """The table rows of one benchmark's JSON (None: it failed)."""
     if result is None:
-        return [f"| {what} | failed (see {name}.log) | | | |"]
+        return [f"| {what} | no result (see {name}.log) | | | |"]
     if name in ("sampling", "sampling_eager"):
         step = "eager step" if name == "sampling_eager" else "CUDA graph"
         out = []
@@ -109,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(["tests", *BENCHMARKS]),
                     help="comma-separated parts to run (tests and/or benchmark names); the others are read "
                          "from OUT_DIR if an earlier run left them there")
+    ap.add_argument("--budget", type=float, default=float("inf"),
+                    help="seconds for the whole run: each part's timeout is cut to what is left, and a part with "
+                         f"under {MIN_PART_S} s left is not started (default: no limit)")
+    ap.add_argument("--pytest-args", default="", help='extra pytest arguments for the suite, e.g. "-n 8" '
+                    "(pytest-xdist) on a many-core machine")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     unknown = only - {"tests", *BENCHMARKS}
@@ -120,14 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    deadline = time.perf_counter() + args.budget
     if "tests" in only:
-        rc, secs = run(["-m", "pytest", "-q", "-rs"], out / "tests.log", timeout=1800)
-        print(f"tests: {suite_summary((out / 'tests.log').read_text(errors='replace'))} ({secs:.0f} s)", flush=True)
+        what = timed_run(["-m", "pytest", "-q", "-rs", *shlex.split(args.pytest_args)], out / "tests.log", 1800,
+                         deadline)
+        print(f"tests: {suite_summary((out / 'tests.log').read_text(errors='replace'))}, {what}", flush=True)
     for name, (_, bench_args) in BENCHMARKS.items():
         if name in only:
             (out / f"{name}.json").unlink(missing_ok=True)
-            rc, secs = run([*bench_args, "--json", str(out / f"{name}.json")], out / f"{name}.log", timeout=1200)
-            print(f"{name}: {'ok' if rc == 0 else f'failed (exit {rc})'} ({secs:.0f} s)", flush=True)
+            what = timed_run([*bench_args, "--json", str(out / f"{name}.json")], out / f"{name}.log", 1200, deadline)
+            print(f"{name}: {what}", flush=True)
     tests_log = out / "tests.log"
     suite = suite_summary(tests_log.read_text(errors="replace")) if tests_log.exists() else "not run"
     results = {name: json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else None

@@ -96,8 +96,25 @@ def test_gpu_report_says_one_line_without_cuda_and_builds_its_table(tmp_path, ca
     assert "batch 1, CUDA graph | 300.0 tok/s | 200.0 tok/s | 1.50 |" in lines[6] and "batch 64, CUDA" in lines[7]
     assert "batch 1, eager step | 300.0 tok/s | 200.0 tok/s | 1.50 |" in lines[8]
     assert "eval workload (ours 64 slots; transformers best batch 32) | 1.0 s | 2.0 s | 2.00 |" in lines[9]
-    assert "failed (see lora_7b.log)" in lines[10] and len(lines) == 11
+    assert "no result (see lora_7b.log)" in lines[10] and len(lines) == 11
     assert gpu_report.suite_summary("...\n===== 650 passed, 1 skipped in 91.2s =====\n") == "650 passed, 1 skipped"
+
+
+def test_gpu_report_parts_keep_to_the_budget(tmp_path):
+    """A part with too little of --budget left is not started and its log says why; one that outruns the time left
+    is stopped at it."""
+    import time
+
+    from bench import gpu_report
+
+    now = time.perf_counter()
+    what = gpu_report.timed_run(["-c", "print('ran')"], tmp_path / "a.log", 60, now + gpu_report.MIN_PART_S - 1)
+    assert what == "not run (out of --budget)" and (tmp_path / "a.log").read_text().startswith("not run")
+    assert gpu_report.timed_run(["-c", "print('ran')"], tmp_path / "b.log", 60, now + 600).startswith("ok")
+    assert (tmp_path / "b.log").read_text() == "ran\n"
+    what = gpu_report.timed_run(["-c", "import time; time.sleep(60)"], tmp_path / "c.log", 1,
+                                time.perf_counter() + 600)
+    assert what.startswith("timed out")
 
 
 def test_real_eval_workload_does_the_same_greedy_work_as_transformers(smollm2_gguf):
