@@ -35,10 +35,11 @@ from .model import Transformer
 from .packed_linear import packed_linears
 from .progress import progress_bar
 
-# A decode step runs at least this many rows: oneDNN's one-row product rounds differently from its many-row one
-# (bfloat16, the 135M model's down projection, 1536 -> 576: for some rows, the row alone got other bits than the
-# same row in products of 2 to 512 rows, which all agree; measured on a 2-core AMD EPYC), so a row's tokens changed
-# with whether it happened to decode alone (a run's tail, one slot).
+# A decode step (and a prefill's head) runs at least this many rows: oneDNN's one-row product rounds differently
+# from its many-row one (bfloat16, the 135M model's down projection, 1536 -> 576: for some rows, the row alone got
+# other bits than the same row in products of 2 to 512 rows, which all agree; measured on a 2-core AMD EPYC), so a
+# row's tokens changed with whether it happened to decode alone (a run's tail, one slot). The head's 576 -> 49152
+# product agreed at 1-64 rows there, but need not on another CPU.
 MIN_ROWS = 2
 PAD_TO = 8  # a prompt's prefill is right-padded to a multiple of this many tokens (after the shared prefix)
 
@@ -311,8 +312,9 @@ def _prefill_group(model: Transformer, prompts: list[list[int]], prefix: KVCache
         tmp.length = start
     positions = torch.arange(start, start + L, device=device).expand(len(prompts), L)
     hidden = model.hidden_states(ids, positions, None, tmp)
-    last = model.lm_head(hidden[torch.arange(len(prompts), device=device),
-                                torch.tensor(lens, device=device) - 1]).float()
+    ends = hidden[torch.arange(len(prompts), device=device), torch.tensor(lens, device=device) - 1]
+    # the head at MIN_ROWS rows at least, as a decode step: a lone prompt's logits must not get one-row bits
+    last = model.lm_head(ends.repeat(MIN_ROWS, 1) if len(prompts) < MIN_ROWS else ends)[:len(prompts)].float()
     return [(tmp.k[:, r:r + 1, :, :start + n], tmp.v[:, r:r + 1, :, :start + n], last[r]) for r, n in enumerate(lens)]
 
 

@@ -8,8 +8,8 @@ import torch
 
 from selfrefine.errors import UserError
 from selfrefine.model import ModelConfig, Transformer
-from selfrefine.sampling import (TOP_P_CANDIDATES, Completion, SamplingParams, StopScanner, filter_logits, generate,
-                                 generate_rows, plan_batches)
+from selfrefine.sampling import (MIN_ROWS, TOP_P_CANDIDATES, Completion, SamplingParams, StopScanner, filter_logits,
+                                 generate, generate_rows, plan_batches)
 
 VOCAB = 32
 
@@ -283,6 +283,29 @@ def test_sampled_rows_do_not_depend_on_slot_count(model, slots):
     one = generate(model, prompts, params, batch_size=1, **kw)
     assert generate(model, prompts, params, batch_size=slots, **kw) == one
     assert len({len(c.token_ids) for r in one for c in r}) > 2 and len({tuple(c.token_ids) for c in one[0]}) > 1
+
+
+def test_a_lone_prompt_never_runs_a_one_row_product(model, monkeypatch):
+    """Its prefill's head and its decode steps run at `MIN_ROWS` rows at least, as in any company: some one-row
+    products round differently from many-row ones (oneDNN, bfloat16), which made samples depend on the slot count."""
+    heads, steps = [], []
+    head, inner = model.lm_head.forward, model.hidden_states
+
+    def spy_head(x):
+        heads.append(x.shape[0])
+        return head(x)
+
+    def spy(ids, positions=None, key_mask=None, cache=None):
+        if ids.shape[1] == 1:
+            steps.append(ids.shape[0])
+        return inner(ids, positions, key_mask, cache)
+
+    monkeypatch.setattr(model.lm_head, "forward", spy_head)
+    monkeypatch.setattr(model, "hidden_states", spy)
+    out = generate(model, prompts_of([5]), SamplingParams(max_new_tokens=4), stop_ids=[], batch_size=1,
+                   progress=False)
+    assert len(out[0][0].token_ids) == 4 and len(steps) == 3
+    assert heads == [MIN_ROWS] and steps == [MIN_ROWS] * 3
 
 
 @torch.inference_mode()
