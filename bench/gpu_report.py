@@ -77,7 +77,7 @@ def _fmt(v: float | None, unit: str = "", digits: int = 1) -> str:
 
 
 def rows(name: str, result: dict | None, what: str) -> list[str]:
-    """The table rows of one benchmark's JSON (None: it failed)."""
+    """The table rows of one benchmark's JSON (None: no result: it failed, timed out or was not run)."""
     if result is None:
         return [f"| {what} | no result (see {name}.log) | | | |"]
     if name in ("sampling", "sampling_eager"):

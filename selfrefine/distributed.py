@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import inspect
 import os
 import sys
 from typing import Any, Iterator, TypeVar
@@ -106,9 +107,11 @@ def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool) -> torch.nn.M
             fully_shard(layer)
         fully_shard(model)
         return model
-    # Buffers (RoPE tables) are the same constants everywhere: broadcasting them each forward is waste.
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    # Buffers (RoPE tables) are the same constants everywhere: broadcasting them each forward is waste. torch 2.13
+    # calls the switch `forward_sync_buffers` and deprecates the older `broadcast_buffers` (all torch 2.11 has).
+    ddp = torch.nn.parallel.DistributedDataParallel
+    switch = next(k for k in ("forward_sync_buffers", "broadcast_buffers") if k in inspect.signature(ddp).parameters)
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{switch: False})
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
