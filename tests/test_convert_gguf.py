@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from packaging.version import Version
 
 from selfrefine.convert_gguf import convert, default_gguf_path, main, unpermute_qk
 from selfrefine.errors import UserError, cli_main
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
+ORACLE = Version(transformers.__version__)
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -164,13 +166,16 @@ def test_tiny_tokenizer_user_defined_and_control_tokens(tiny_gguf: Path, tmp_pat
     ref = transformers.AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
     text = "<|im_start|>user\nthe <think>hello the<|im_end|>"
     ids = ours.encode(text).ids
-    assert ids == ref(text)["input_ids"]
     assert ids[0] == 1 and ids[-1] == 2 and ours.token_to_id("<think>") in ids
     assert ours.decode(ids, skip_special_tokens=False) == text
     # "smollm" splits digits one by one before BPE (llama.cpp, and SmolLM2's own tokenizer.json), so the
     # "1 2" merge never applies. transformers' GGUF reader skips that split; SmolLM2 has no multi-digit merges,
     # which is why the two agree on the real model.
     assert ours.encode(" the 1212").tokens == ["Ġthe", "Ġ", "1", "2", "1", "2"]
+    if ORACLE < Version("5.18"):
+        pytest.skip("the oracle: transformers < 5.18 reads a GGUF's user-defined tokens as plain text (llama.cpp "
+                    "matches them whole); our own checks above ran")
+    assert ids == ref(text)["input_ids"]
 
 
 def test_tied_head_and_add_bos(tmp_path: Path) -> None:
@@ -181,13 +186,16 @@ def test_tied_head_and_add_bos(tmp_path: Path) -> None:
     ours = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert ours.encode(" the").ids == [1, ours.token_to_id("Ġthe")]
     assert ours.encode(" the", add_special_tokens=False).ids == [ours.token_to_id("Ġthe")]
-    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    assert ours.encode(" the").ids == ref(" the")["input_ids"]
     model, ref_model = load_model(out), transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 40, 50, 60]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref_model(ids).logits, rtol=0, atol=1e-5)
+    if ORACLE < Version("5.23"):
+        pytest.skip("the oracle: transformers < 5.23 reads a GGUF's tokenizer without its add_bos_token (llama.cpp "
+                    "honours it); the checks above ran")
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert ours.encode(" the").ids == ref(" the")["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------- user errors
