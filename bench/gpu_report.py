@@ -44,7 +44,7 @@ BENCHMARKS = {
 }
 
 
-def run(argv: list[str], log: Path, timeout: int) -> tuple[int, float]:
+def run(argv: list[str], log: Path, timeout: float) -> tuple[int, float]:
     """(exit code, seconds) of `python argv...`, its output kept in `log`."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -56,11 +56,11 @@ def run(argv: list[str], log: Path, timeout: int) -> tuple[int, float]:
     return rc, time.perf_counter() - t0
 
 
-def timed_run(argv: list[str], log: Path, timeout: int, deadline: float) -> str:
+def timed_run(argv: list[str], log: Path, timeout: float, deadline: float) -> str:
     """Run one part within its own timeout and the report's deadline (time.perf_counter()); what became of it."""
-    left = int(deadline - time.perf_counter())
+    left = deadline - time.perf_counter()  # inf without a --budget
     if left < MIN_PART_S:
-        log.write_text(f"not run: {max(left, 0)} s of the --budget left, under {MIN_PART_S} s\n")
+        log.write_text(f"not run: {max(left, 0):.0f} s of the --budget left, under {MIN_PART_S} s\n")
         return "not run (out of --budget)"
     rc, secs = run(argv, log, min(timeout, left))
     return f"{'ok' if rc == 0 else 'timed out' if rc == 124 else f'failed (exit {rc})'} ({secs:.0f} s)"
