@@ -227,8 +227,9 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
     """
     ctx, device = model.config.max_position_embeddings, model.model.embed_tokens.weight.device
     budget = {i: min(params.max_new_tokens, ctx - len(prompts[i])) for i, _ in rows}  # never outgrow the context
-    slots = max(min(slots, len(rows)), MIN_ROWS)  # a spare slot where one row runs alone
-    cache = _slot_cache(model, slots, max(len(prompts[i]) + budget[i] - 1 for i, _ in rows), log)
+    fit = min(slots, len(rows))
+    slots = max(fit, MIN_ROWS)  # a spare slot where one row would run alone
+    cache = _slot_cache(model, slots, max(len(prompts[i]) + budget[i] - 1 for i, _ in rows), log, slots - fit)
     logits = torch.zeros(slots, model.config.vocab_size, device=device)  # row s: slot s's next-token logits
     step = StaticStep(model, cache, logits, device.type == "cuda") if static else EagerStep(model, cache, logits)
     waiting = _Waiting(model, prompts, rows)
@@ -256,12 +257,15 @@ def generate_rows(model: Transformer, prompts: list[list[int]], rows: list[tuple
             _feed(step, busy, tokens)
 
 
-def _slot_cache(model: Transformer, slots: int, positions: int, log: Callable[[str], None] | None) -> SlotCache:
-    """An empty cache of `slots` rows of `positions` (a row's last token is never fed), its size logged first."""
+def _slot_cache(model: Transformer, slots: int, positions: int, log: Callable[[str], None] | None,
+                spare: int = 0) -> SlotCache:
+    """An empty cache of `slots` rows of `positions` (a row's last token is never fed), its size logged first
+    (with the `spare` slots `MIN_ROWS` added, so a user who asked for one slot is not puzzled by two)."""
     cfg, weight = model.config, model.model.embed_tokens.weight
     if log is not None:
         size = kv_cache_bytes(cfg.num_layers, slots, cfg.num_kv_heads, cfg.head_dim, positions, weight.dtype.itemsize)
-        log(f"KV cache: {slots} slots x {positions} positions x {cfg.num_layers} layers = {size / 2**20:,.1f} MiB")
+        why = f" ({spare} spare: no decode step runs at one row)" if spare else ""
+        log(f"KV cache: {slots} slots{why} x {positions} positions x {cfg.num_layers} layers = {size / 2**20:,.1f} MiB")
     return SlotCache.empty(cfg.num_layers, slots, cfg.num_kv_heads, positions, cfg.head_dim, weight.dtype,
                            weight.device)
 

@@ -453,3 +453,9 @@ def test_kv_cache_size_is_logged_before_allocation(model, monkeypatch):
     expected = sampling.kv_cache_bytes(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 9 + 6 - 1, 4)
     assert allocated == [expected] and logged == [
         f"KV cache: 2 slots x 14 positions x {cfg.num_layers} layers = {expected / 2**20:,.1f} MiB"]
+    with torch.inference_mode():  # one slot asked: the second, MIN_ROWS's, is said to be a spare
+        generate_rows(model, prompts, [(0, 0)], SamplingParams(max_new_tokens=6), set(), None, 1, 0,
+                      lambda *_: None, log=logged.append)
+    expected = sampling.kv_cache_bytes(cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim, 5 + 6 - 1, 4)
+    assert logged[1] == (f"KV cache: 2 slots (1 spare: no decode step runs at one row) x 10 positions x "
+                         f"{cfg.num_layers} layers = {expected / 2**20:,.1f} MiB")
