@@ -1,11 +1,12 @@
 """The GPU report in one command: the test suite on the GPU and the GPU benchmarks, as one markdown table.
 
     bash bench/gpu_report.sh [OUT_DIR] [--only tests,sft_1b,...] [--budget SECONDS] [--pytest-args "-n 8"]
-    (default OUT_DIR: bench/gpu_report_out)
+    bash bench/gpu_report.sh OUT_DIR --table-only      (default OUT_DIR: bench/gpu_report_out)
 
 The table is OUT_DIR/report.md. `--only` runs some parts and builds the table from every result already in
 OUT_DIR, so a report can be gathered over several shorter runs on a machine whose calls are time-limited;
-`--budget` bounds the whole run's wall time (a part that no longer fits is not started, and says so in its log).
+`--budget` bounds the whole run's wall time (a part that no longer fits is not started, and says so in its log);
+`--table-only` builds the table from an OUT_DIR gathered elsewhere, on any machine.
 
 Whoever is lent a GPU runs it first: GPU figures are rare. On a machine without CUDA it says so in one line and
 exits 0. Each benchmark runs in its own process (an out-of-memory in one leaves the others standing) and writes
@@ -128,17 +129,27 @@ def main(argv: list[str] | None = None) -> int:
                          f"under {MIN_PART_S} s left is not started (default: no limit)")
     ap.add_argument("--pytest-args", default="", help='extra pytest arguments for the suite, e.g. "-n 8" '
                     "(pytest-xdist) on a many-core machine")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: build OUT_DIR/report.md from the results already there, on any machine "
+                         "(parts run by calls that landed on different machines, their folders merged)")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     unknown = only - {"tests", *BENCHMARKS}
     if unknown:
         ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; known: tests, {', '.join(BENCHMARKS)}")
+    out: Path = args.out
+    if args.table_only:
+        if not out.is_dir():
+            ap.error(f"--table-only: {out} is not a folder of results")
+        device_file = out / "device.txt"
+        print(write_table(out, device_file.read_text().strip() if device_file.exists() else "device not recorded"))
+        return 0
     if not torch.cuda.is_available():
         print("gpu_report: no CUDA device on this machine; nothing to measure (run it where a GPU is lent)")
         return 0
-    out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    (out / "device.txt").write_text(device + "\n")
     deadline = time.perf_counter() + args.budget
     if "tests" in only:
         what = timed_run(["-m", "pytest", "-q", "-rs", *shlex.split(args.pytest_args)], out / "tests.log", 1800,
@@ -149,14 +160,20 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"{name}.json").unlink(missing_ok=True)
             what = timed_run([*bench_args, "--json", str(out / f"{name}.json")], out / f"{name}.log", 1200, deadline)
             print(f"{name}: {what}", flush=True)
+    print(write_table(out, device))
+    return 0
+
+
+def write_table(out: Path, device: str) -> str:
+    """OUT_DIR/report.md from the suite's log and the benchmarks' JSON found in `out`; returns the table."""
     tests_log = out / "tests.log"
     suite = suite_summary(tests_log.read_text(errors="replace")) if tests_log.exists() else "not run"
     results = {name: json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else None
                for name in BENCHMARKS}
     report = table(results, suite, device)
     (out / "report.md").write_text(report + "\n")
-    print(report)
-    return 0
+    return report
+
 
 if __name__ == "__main__":
     sys.exit(main())

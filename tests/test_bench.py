@@ -102,7 +102,8 @@ def test_gpu_report_says_one_line_without_cuda_and_builds_its_table(tmp_path, ca
 
 def test_gpu_report_main_runs_its_parts_and_writes_the_table(tmp_path, monkeypatch, capsys):
     """The report's own flow, as on a GPU (CUDA faked; one tiny CPU benchmark stands in for the real ones): the part
-    runs in its own process, its JSON becomes its row, the parts not run are 'no result' rows."""
+    runs in its own process, its JSON becomes its row, the parts not run are 'no result' rows; `--table-only`
+    rebuilds the same table from the folder without CUDA."""
     from bench import gpu_report
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -115,6 +116,14 @@ def test_gpu_report_main_runs_its_parts_and_writes_the_table(tmp_path, monkeypat
     assert lines[0].startswith("GPU report: a faked GPU, torch ") and lines[0].endswith("test suite on the GPU: not run")
     assert f"| {result['ratio_vs_hf']:.2f} |" in lines[4] and "no result (see dpo_1b.log)" in lines[5]
     assert "sft_1b: ok (" in capsys.readouterr().out
+    # The same table again from the folder alone, on a machine without CUDA (results gathered elsewhere)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "report.md").unlink()
+    assert gpu_report.main([str(tmp_path), "--table-only"]) == 0
+    assert (tmp_path / "report.md").read_text().splitlines() == lines
+    with pytest.raises(SystemExit) as e:
+        gpu_report.main([str(tmp_path / "nowhere"), "--table-only"])
+    assert e.value.code == 2 and "is not a folder of results" in capsys.readouterr().err
 
 
 def test_gpu_report_parts_keep_to_the_budget(tmp_path):
