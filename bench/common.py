@@ -104,7 +104,7 @@ def build_models(args: argparse.Namespace, cfg: ModelConfig) -> tuple[Transforme
     hf = hf_model(ours, dtype, args.device)
     if args.gradient_checkpointing:
         ours.gradient_checkpointing = True
-        enable = getattr(hf, "activation_checkpointing_enable", None)  # transformers >= 5 renamed it
+        enable = getattr(hf, "activation_checkpointing_enable", None)  # the new name (5.25 has it, 5.17 not yet)
         if enable:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -128,13 +128,11 @@ def new_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.O
 def hf_model(ours: Transformer, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     """The same weights as a `transformers` model: written with our `save_model`, read by `from_pretrained`."""
     import transformers
-    from packaging.version import Version
 
-    # from_pretrained's keyword was torch_dtype before 4.56; casting afterwards would round HF's RoPE buffer too.
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    # the dtype at load time: casting afterwards would round HF's RoPE buffer too
     with tempfile.TemporaryDirectory() as tmp:
         save_model(ours, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", **{key: dtype})
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype)
     return hf.to(device)
 
 
